@@ -1,0 +1,343 @@
+//! The KPL aggregation format: Kinesis record bytes to user records ([`deaggregate`]) and back
+//! ([`Aggregator`]).
+//!
+//! This module knows nothing of Lambda or JSON; it takes and returns bytes. The format is
+//!
+//! ```text
+//! | F3 89 9A C2 | protobuf AggregatedRecord | MD5 of the protobuf bytes (16 bytes) |
+//! ```
+//!
+//! with the messages of `src/kpl/messages.proto`.
+
+mod aggregate;
+mod messages;
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use md5::{Digest, Md5};
+use prost::Message;
+
+pub use aggregate::{AggregateError, AggregatedRecord, Aggregator};
+
+/// The four bytes that start every KPL aggregated record.
+pub const MAGIC: [u8; 4] = [0xF3, 0x89, 0x9A, 0xC2];
+
+/// Length of the MD5 trailer.
+const DIGEST_LEN: usize = 16;
+
+/// One user record, as the producer put it.
+///
+/// `data` is a slice of the buffer given to [`deaggregate`] (no copy), and the keys are shared
+/// with the aggregate's key tables (reference-counted, no copy), so a user record costs no
+/// allocation of its own.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct UserRecord {
+    sub_sequence_number: Option<u64>,
+    partition_key: Arc<str>,
+    explicit_hash_key: Option<Arc<str>>,
+    data: Bytes,
+    lossy_keys: bool,
+}
+
+impl UserRecord {
+    /// A user record that was not aggregated: a plain Kinesis record's key and data.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use kinesis_deagg::kpl::UserRecord;
+    /// let r = UserRecord::plain("user-1", None, "hello".into());
+    /// assert_eq!(r.sub_sequence_number(), None);
+    /// assert_eq!(r.partition_key(), "user-1");
+    /// ```
+    pub fn plain(partition_key: &str, explicit_hash_key: Option<&str>, data: Bytes) -> Self {
+        UserRecord {
+            sub_sequence_number: None,
+            partition_key: partition_key.into(),
+            explicit_hash_key: explicit_hash_key.map(Into::into),
+            data,
+            lossy_keys: false,
+        }
+    }
+
+    /// The 0-based position of this user record in its aggregate; `None` when the Kinesis record
+    /// was not an aggregate.
+    pub fn sub_sequence_number(&self) -> Option<u64> {
+        self.sub_sequence_number
+    }
+
+    /// The user record's partition key (for an aggregate, the key inside it, not the outer
+    /// `"a"` the KPL writes).
+    pub fn partition_key(&self) -> &str {
+        &self.partition_key
+    }
+
+    /// The explicit hash key, only when this user record carries one.
+    ///
+    /// The official Python and Node deaggregators give a record without one the table's entry
+    /// 0; that is wrong and we do not copy it.
+    pub fn explicit_hash_key(&self) -> Option<&str> {
+        self.explicit_hash_key.as_deref()
+    }
+
+    /// The user record's payload (a slice of the aggregate's buffer, no copy).
+    pub fn data(&self) -> &Bytes {
+        &self.data
+    }
+
+    /// Consumes the record and returns its payload, without copying.
+    pub fn into_data(self) -> Bytes {
+        self.data
+    }
+
+    /// True when a key of this record was not valid UTF-8 and was delivered with U+FFFD
+    /// replacement characters.
+    pub fn has_lossy_keys(&self) -> bool {
+        self.lossy_keys
+    }
+
+    /// The 128-bit hash key that Kinesis maps to a shard: see [`effective_hash_key`].
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use kinesis_deagg::kpl::UserRecord;
+    /// let r = UserRecord::plain("k", Some("42"), bytes::Bytes::new());
+    /// assert_eq!(r.hash_key(), Some(42));
+    /// ```
+    pub fn hash_key(&self) -> Option<u128> {
+        effective_hash_key(self.partition_key(), self.explicit_hash_key())
+    }
+}
+
+/// The hash key Kinesis uses to choose a shard: the explicit hash key when there is one, else
+/// the MD5 of the UTF-8 partition key read as an unsigned 128-bit big-endian integer.
+///
+/// Returns `None` when the explicit hash key is not a decimal integer below 2^128.
+///
+/// # Examples
+///
+/// ```
+/// use kinesis_deagg::kpl::effective_hash_key;
+/// // MD5("a") = 0cc175b9c0f1b6a831c399e269772661
+/// assert_eq!(effective_hash_key("a", None), Some(0x0cc175b9c0f1b6a831c399e269772661));
+/// assert_eq!(effective_hash_key("a", Some("7")), Some(7));
+/// assert_eq!(effective_hash_key("a", Some("-1")), None);
+/// ```
+pub fn effective_hash_key(partition_key: &str, explicit_hash_key: Option<&str>) -> Option<u128> {
+    match explicit_hash_key {
+        Some(ehk) if ehk.bytes().all(|b| b.is_ascii_digit()) => ehk.parse().ok(),
+        Some(_) => None,
+        None => Some(u128::from_be_bytes(
+            Md5::digest(partition_key.as_bytes()).into(),
+        )),
+    }
+}
+
+/// What one Kinesis record's bytes turned out to be.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Deaggregated {
+    /// Not a KPL aggregate (no magic, or too short to hold one): the data, unchanged.
+    Plain(Bytes),
+    /// Starts with the magic but the MD5 does not match: the data, unchanged.
+    ///
+    /// Raw data can start with the magic by chance, so, as the KCL and the Python module do,
+    /// such a record is passed through as one plain record. It is its own variant so that the
+    /// caller can log a warning and count it.
+    ChecksumMismatch(Bytes),
+    /// A verified aggregate and its user records, in order. The list may be empty: an
+    /// aggregate with zero user records is valid protobuf and the caller should count it.
+    Aggregated(Vec<UserRecord>),
+}
+
+/// Why a verified aggregate (magic and MD5 correct) could not be split into user records.
+///
+/// The MD5 matched, so the producer really wrote these bytes: the aggregate is corrupt at its
+/// source and no user record of it can be trusted to be complete. The runtime applies its
+/// corrupt-input policy to it.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum DeaggError {
+    /// The protobuf does not decode (truncated, wrong wire type, ...).
+    #[error("aggregate does not decode as protobuf: {message}")]
+    Protobuf {
+        /// prost's description, with the path of the failing field.
+        message: String,
+    },
+    /// A user record names a partition key beyond the table.
+    #[error(
+        "user record {sub_sequence_number}: partition key index {index} is out of range (table has {table_len} keys)"
+    )]
+    PartitionKeyIndexOutOfRange {
+        /// Position of the user record in the aggregate.
+        sub_sequence_number: u64,
+        /// The index it names.
+        index: u64,
+        /// Number of entries in the partition key table.
+        table_len: usize,
+    },
+    /// A user record names an explicit hash key beyond the table.
+    #[error(
+        "user record {sub_sequence_number}: explicit hash key index {index} is out of range (table has {table_len} keys)"
+    )]
+    ExplicitHashKeyIndexOutOfRange {
+        /// Position of the user record in the aggregate.
+        sub_sequence_number: u64,
+        /// The index it names.
+        index: u64,
+        /// Number of entries in the explicit hash key table.
+        table_len: usize,
+    },
+    /// A field that the format declares `required` is absent.
+    #[error("user record {sub_sequence_number}: required field `{field}` is missing")]
+    MissingField {
+        /// Position of the user record in the aggregate.
+        sub_sequence_number: u64,
+        /// Name of the missing field, as in `messages.proto`.
+        field: &'static str,
+    },
+}
+
+/// Returns true when `data` has the shape of a KPL aggregate: the magic and more than the MD5
+/// trailer after it. It says nothing of the checksum.
+///
+/// # Examples
+///
+/// ```
+/// use kinesis_deagg::kpl::{is_aggregated, MAGIC};
+/// assert!(!is_aggregated(b"plain data"));
+/// let mut d = MAGIC.to_vec();
+/// d.extend([0u8; 17]);
+/// assert!(is_aggregated(&d));
+/// ```
+pub fn is_aggregated(data: &[u8]) -> bool {
+    data.len() > MAGIC.len() + DIGEST_LEN && data.starts_with(&MAGIC)
+}
+
+/// Splits one Kinesis record's data into its user records.
+///
+/// Every input has a defined outcome, and none panics:
+///
+/// | input | result |
+/// |---|---|
+/// | no magic, or 16 bytes or fewer after it (empty data included) | `Ok(Plain(data))` |
+/// | magic, MD5 mismatch | `Ok(ChecksumMismatch(data))` |
+/// | magic, MD5 matches, valid protobuf | `Ok(Aggregated(records))`, possibly empty |
+/// | magic, MD5 matches, invalid protobuf, index out of range, missing field | `Err(DeaggError)` |
+///
+/// No user record is dropped: an aggregate is either returned whole or is an error. A key
+/// that is not valid UTF-8 is delivered with U+FFFD replacements and
+/// [`UserRecord::has_lossy_keys`] set.
+///
+/// # Errors
+///
+/// A [`DeaggError`] when the checksum is right but the contents are not a valid aggregate.
+///
+/// # Examples
+///
+/// ```
+/// use kinesis_deagg::kpl::{deaggregate, Aggregator, Deaggregated};
+///
+/// let mut agg = Aggregator::new();
+/// agg.add("user-1", None, b"hello").unwrap();
+/// agg.add("user-2", Some("42"), b"world").unwrap();
+/// let record = agg.finish().unwrap();
+///
+/// let Deaggregated::Aggregated(users) = deaggregate(record.data.clone()).unwrap() else {
+///     panic!("not an aggregate")
+/// };
+/// assert_eq!(users.len(), 2);
+/// assert_eq!(users[1].partition_key(), "user-2");
+/// assert_eq!(users[1].explicit_hash_key(), Some("42"));
+/// assert_eq!(users[0].explicit_hash_key(), None);
+/// assert_eq!(&users[1].data()[..], b"world");
+///
+/// assert_eq!(deaggregate("plain".into()).unwrap(), Deaggregated::Plain("plain".into()));
+/// ```
+pub fn deaggregate(data: Bytes) -> Result<Deaggregated, DeaggError> {
+    deaggregate_with(data, true)
+}
+
+/// [`deaggregate`], with the MD5 check optional.
+///
+/// Skipping the check saves most of the time deaggregation takes, but a record that merely
+/// starts with the magic is then decoded as an aggregate (usually an error). Only for producers
+/// you trust to write KPL aggregates and nothing that could look like one.
+pub fn deaggregate_with(data: Bytes, verify_checksum: bool) -> Result<Deaggregated, DeaggError> {
+    if !is_aggregated(&data) {
+        return Ok(Deaggregated::Plain(data));
+    }
+    let body_end = data.len() - DIGEST_LEN;
+    let body = data.slice(MAGIC.len()..body_end);
+    if verify_checksum && Md5::digest(&body)[..] != data[body_end..] {
+        return Ok(Deaggregated::ChecksumMismatch(data));
+    }
+    let message = messages::AggregatedRecord::decode(body).map_err(|e| DeaggError::Protobuf {
+        message: e.to_string(),
+    })?;
+    split(message).map(Deaggregated::Aggregated)
+}
+
+/// A key table turned into shared strings once, so user records can share them.
+fn key_table(raw: Vec<Bytes>) -> Vec<(Arc<str>, bool)> {
+    raw.into_iter()
+        .map(|k| match std::str::from_utf8(&k) {
+            Ok(s) => (Arc::from(s), false),
+            Err(_) => (Arc::from(String::from_utf8_lossy(&k).as_ref()), true),
+        })
+        .collect()
+}
+
+fn split(message: messages::AggregatedRecord) -> Result<Vec<UserRecord>, DeaggError> {
+    let partition_keys = key_table(message.partition_key_table);
+    let explicit_hash_keys = key_table(message.explicit_hash_key_table);
+    let lookup = |table: &[(Arc<str>, bool)], index: u64| -> Option<(Arc<str>, bool)> {
+        usize::try_from(index)
+            .ok()
+            .and_then(|i| table.get(i))
+            .cloned()
+    };
+    let mut users = Vec::with_capacity(message.records.len());
+    for (n, record) in message.records.into_iter().enumerate() {
+        let sub_sequence_number = n as u64;
+        let missing = |field| DeaggError::MissingField {
+            sub_sequence_number,
+            field,
+        };
+        let pk_index = record
+            .partition_key_index
+            .ok_or_else(|| missing("partition_key_index"))?;
+        let data = record.data.ok_or_else(|| missing("data"))?;
+        let (partition_key, pk_lossy) =
+            lookup(&partition_keys, pk_index).ok_or(DeaggError::PartitionKeyIndexOutOfRange {
+                sub_sequence_number,
+                index: pk_index,
+                table_len: partition_keys.len(),
+            })?;
+        let (explicit_hash_key, ehk_lossy) = match record.explicit_hash_key_index {
+            None => (None, false),
+            Some(index) => {
+                let (key, lossy) = lookup(&explicit_hash_keys, index).ok_or(
+                    DeaggError::ExplicitHashKeyIndexOutOfRange {
+                        sub_sequence_number,
+                        index,
+                        table_len: explicit_hash_keys.len(),
+                    },
+                )?;
+                (Some(key), lossy)
+            }
+        };
+        users.push(UserRecord {
+            sub_sequence_number: Some(sub_sequence_number),
+            partition_key,
+            explicit_hash_key,
+            data,
+            lossy_keys: pk_lossy || ehk_lossy,
+        });
+    }
+    Ok(users)
+}
+
+#[cfg(test)]
+mod tests;

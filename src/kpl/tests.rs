@@ -1,0 +1,286 @@
+use super::*;
+use crate::kpl::messages::{AggregatedRecord as Pb, Record};
+
+/// Magic, the protobuf bytes, and their MD5: a well-formed envelope around any bytes.
+fn envelope(protobuf: &[u8]) -> Bytes {
+    let mut out = MAGIC.to_vec();
+    out.extend_from_slice(protobuf);
+    out.extend_from_slice(&Md5::digest(protobuf));
+    out.into()
+}
+
+fn record(pk: Option<u64>, ehk: Option<u64>, data: Option<&'static [u8]>) -> Record {
+    Record {
+        partition_key_index: pk,
+        explicit_hash_key_index: ehk,
+        data: data.map(Bytes::from_static),
+        tags: vec![],
+    }
+}
+
+fn message(pks: &[&'static [u8]], ehks: &[&'static [u8]], records: Vec<Record>) -> Bytes {
+    envelope(
+        &Pb {
+            partition_key_table: pks.iter().map(|k| Bytes::from_static(k)).collect(),
+            explicit_hash_key_table: ehks.iter().map(|k| Bytes::from_static(k)).collect(),
+            records,
+        }
+        .encode_to_vec(),
+    )
+}
+
+#[test]
+fn data_without_the_magic_is_one_plain_record() {
+    for data in [&b""[..], b"x", b"{\"json\":1}", &[0xF3, 0x89, 0x9A]] {
+        let data = Bytes::copy_from_slice(data);
+        assert_eq!(deaggregate(data.clone()), Ok(Deaggregated::Plain(data)));
+    }
+}
+
+#[test]
+fn magic_with_16_bytes_or_fewer_after_it_is_plain() {
+    for extra in [0, 1, 15, 16] {
+        let mut d = MAGIC.to_vec();
+        d.extend(std::iter::repeat_n(7u8, extra));
+        let d = Bytes::from(d);
+        assert_eq!(
+            deaggregate(d.clone()),
+            Ok(Deaggregated::Plain(d)),
+            "{extra}"
+        );
+    }
+}
+
+#[test]
+fn a_checksum_mismatch_passes_the_data_through_unchanged_and_says_so() {
+    let good = message(&[b"k"], &[], vec![record(Some(0), None, Some(b"v"))]);
+    let mut bad = good.to_vec();
+    *bad.last_mut().unwrap() ^= 1;
+    let bad = Bytes::from(bad);
+    assert_eq!(
+        deaggregate(bad.clone()),
+        Ok(Deaggregated::ChecksumMismatch(bad))
+    );
+}
+
+#[test]
+fn skipping_the_checksum_decodes_without_checking_it() {
+    let good = message(&[b"k"], &[], vec![record(Some(0), None, Some(b"v"))]);
+    let mut bad = good.to_vec();
+    *bad.last_mut().unwrap() ^= 1;
+    let Ok(Deaggregated::Aggregated(users)) = deaggregate_with(bad.into(), false) else {
+        panic!("expected an aggregate")
+    };
+    assert_eq!(&users[0].data()[..], b"v");
+}
+
+#[test]
+fn a_verified_aggregate_that_is_not_protobuf_is_an_error() {
+    // 0xFF is not a valid tag (field 31, wire type 7).
+    let err = deaggregate(envelope(&[0xFF, 0xFF, 0xFF])).unwrap_err();
+    assert!(matches!(err, DeaggError::Protobuf { .. }), "{err}");
+}
+
+#[test]
+fn a_truncated_aggregate_with_a_matching_checksum_is_an_error() {
+    let full = message(
+        &[b"key"],
+        &[],
+        vec![record(Some(0), None, Some(b"some data"))],
+    );
+    let protobuf = &full[MAGIC.len()..full.len() - DIGEST_LEN];
+    let err = deaggregate(envelope(&protobuf[..protobuf.len() - 3])).unwrap_err();
+    assert!(matches!(err, DeaggError::Protobuf { .. }), "{err}");
+}
+
+#[test]
+fn a_partition_key_index_out_of_range_fails_the_whole_aggregate() {
+    let d = message(
+        &[b"k"],
+        &[],
+        vec![
+            record(Some(0), None, Some(b"a")),
+            record(Some(1), None, Some(b"b")),
+        ],
+    );
+    let err = deaggregate(d).unwrap_err();
+    assert_eq!(
+        err,
+        DeaggError::PartitionKeyIndexOutOfRange {
+            sub_sequence_number: 1,
+            index: 1,
+            table_len: 1
+        }
+    );
+    assert_eq!(
+        err.to_string(),
+        "user record 1: partition key index 1 is out of range (table has 1 keys)"
+    );
+}
+
+#[test]
+fn an_explicit_hash_key_index_out_of_range_fails_the_whole_aggregate() {
+    let d = message(&[b"k"], &[b"1"], vec![record(Some(0), Some(3), Some(b"a"))]);
+    assert!(matches!(
+        deaggregate(d),
+        Err(DeaggError::ExplicitHashKeyIndexOutOfRange { index: 3, .. })
+    ));
+}
+
+#[test]
+fn a_missing_required_field_is_an_error_naming_it() {
+    let no_pk = message(&[b"k"], &[], vec![record(None, None, Some(b"a"))]);
+    assert_eq!(
+        deaggregate(no_pk),
+        Err(DeaggError::MissingField {
+            sub_sequence_number: 0,
+            field: "partition_key_index"
+        })
+    );
+    let no_data = message(&[b"k"], &[], vec![record(Some(0), None, None)]);
+    assert_eq!(
+        deaggregate(no_data),
+        Err(DeaggError::MissingField {
+            sub_sequence_number: 0,
+            field: "data"
+        })
+    );
+}
+
+#[test]
+fn present_but_empty_data_is_an_empty_user_record() {
+    let d = message(&[b"k"], &[], vec![record(Some(0), None, Some(b""))]);
+    let Ok(Deaggregated::Aggregated(users)) = deaggregate(d) else {
+        panic!()
+    };
+    assert!(users[0].data().is_empty());
+}
+
+#[test]
+fn a_partition_key_that_is_not_utf8_is_replaced_and_flagged() {
+    let d = message(
+        &[b"ok", b"bad\xFF"],
+        &[],
+        vec![
+            record(Some(0), None, Some(b"a")),
+            record(Some(1), None, Some(b"b")),
+        ],
+    );
+    let Ok(Deaggregated::Aggregated(users)) = deaggregate(d) else {
+        panic!()
+    };
+    assert!(!users[0].has_lossy_keys());
+    assert_eq!(users[1].partition_key(), "bad\u{FFFD}");
+    assert!(users[1].has_lossy_keys());
+}
+
+#[test]
+fn zero_sub_records_is_an_empty_aggregate_not_a_plain_record() {
+    // An empty protobuf message is zero bytes, so give it a table to be longer than 16 bytes.
+    let d = message(&[b"a-partition-key-nobody-uses"], &[], vec![]);
+    assert_eq!(deaggregate(d), Ok(Deaggregated::Aggregated(vec![])));
+}
+
+#[test]
+fn the_explicit_hash_key_is_reported_only_for_sub_records_that_have_one() {
+    let d = message(
+        &[b"k0", b"k1"],
+        &[b"123"],
+        vec![
+            record(Some(0), Some(0), Some(b"a")),
+            record(Some(1), None, Some(b"b")),
+        ],
+    );
+    let Ok(Deaggregated::Aggregated(users)) = deaggregate(d) else {
+        panic!()
+    };
+    assert_eq!(users[0].explicit_hash_key(), Some("123"));
+    // The official Python and Node modules would say "123" here.
+    assert_eq!(users[1].explicit_hash_key(), None);
+    assert_eq!(
+        users
+            .iter()
+            .map(|u| u.sub_sequence_number())
+            .collect::<Vec<_>>(),
+        [Some(0), Some(1)]
+    );
+}
+
+#[test]
+fn user_record_data_is_a_slice_of_the_input_buffer() {
+    let d = message(&[b"k"], &[], vec![record(Some(0), None, Some(b"payload"))]);
+    let range = d.as_ptr_range();
+    let Ok(Deaggregated::Aggregated(users)) = deaggregate(d.clone()) else {
+        panic!()
+    };
+    assert!(range.contains(&users[0].data().as_ptr()), "data was copied");
+}
+
+#[test]
+fn tags_are_decoded_and_ignored() {
+    let mut r = record(Some(0), None, Some(b"a"));
+    r.tags.push(messages::Tag {
+        key: Some("t".into()),
+        value: None,
+    });
+    let Ok(Deaggregated::Aggregated(users)) = deaggregate(message(&[b"k"], &[], vec![r])) else {
+        panic!()
+    };
+    assert_eq!(users.len(), 1);
+}
+
+#[test]
+fn the_aggregator_writes_what_the_kpl_writes_outside() {
+    let mut agg = Aggregator::new();
+    agg.add("first", None, b"1").unwrap();
+    agg.add("second", Some("99"), b"2").unwrap();
+    let r = agg.finish().unwrap();
+    assert_eq!(r.partition_key, "a");
+    let md5_first = u128::from_be_bytes(Md5::digest(b"first").into());
+    assert_eq!(r.explicit_hash_key, md5_first.to_string());
+    assert!(agg.finish().is_none());
+}
+
+#[test]
+fn the_aggregator_dedupes_keys_in_its_tables() {
+    let mut agg = Aggregator::new();
+    for _ in 0..3 {
+        agg.add("same", Some("5"), b"x").unwrap();
+    }
+    let r = agg.finish().unwrap();
+    let m = Pb::decode(&r.data[4..r.data.len() - 16]).unwrap();
+    assert_eq!(m.partition_key_table.len(), 1);
+    assert_eq!(m.explicit_hash_key_table.len(), 1);
+    assert_eq!(m.records.len(), 3);
+}
+
+#[test]
+fn the_aggregator_rejects_what_cannot_fit_and_bad_hash_keys() {
+    let mut agg = Aggregator::with_max_size(100).unwrap();
+    assert!(matches!(
+        agg.add("k", None, [0u8; 100]),
+        Err(AggregateError::TooLarge { limit: 100, .. })
+    ));
+    assert!(matches!(
+        agg.add("k", Some("12x"), b""),
+        Err(AggregateError::InvalidExplicitHashKey(_))
+    ));
+    let too_big = (u128::MAX).to_string() + "0";
+    assert!(agg.add("k", Some(&too_big), b"").is_err());
+    assert!(agg.is_empty());
+}
+
+#[test]
+fn the_aggregator_fills_to_exactly_its_limit() {
+    // Find the data length at which one record fills an aggregate exactly, and check the
+    // boundary on both sides.
+    let limit = 1000;
+    let mut agg = Aggregator::with_max_size(limit).unwrap();
+    let fits = (0..limit)
+        .rev()
+        .find(|&n| agg.add("k", None, vec![0; n]).is_ok())
+        .unwrap();
+    let r = agg.finish().unwrap();
+    assert_eq!(r.data.len() + r.partition_key.len(), limit);
+    assert!(agg.add("k", None, vec![0; fits + 1]).is_err());
+}

@@ -1,0 +1,5 @@
+#![doc = "kinesis-deagg"]
+#![deny(unsafe_code)]
+#![warn(missing_docs)]
+
+pub mod kpl;
