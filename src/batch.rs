@@ -1,0 +1,478 @@
+//! One batch, as Lambda delivers it: unpack each record, apply the corrupt-input policy, run
+//! the transform on every user record in order, watch the deadline, and decide the one
+//! sequence number to report.
+//!
+//! Lambda checkpoints at the **lowest** reported sequence number and retries every record
+//! from there on, and only outer sequence numbers can be reported. So the outcome of a batch
+//! is at most one sequence number: that of the first Kinesis record not fully processed.
+//! Processing anything after it only creates duplicates, so both modes stop there.
+
+use std::cell::Cell;
+use std::collections::HashMap;
+use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
+use std::time::Instant;
+
+use aws_lambda_events::event::streams::KinesisEventResponse;
+use futures::{FutureExt, StreamExt};
+
+use crate::event::EventRecord;
+use crate::kpl::{DeaggError, Deaggregated, UserRecord, deaggregate_with};
+use crate::settings::Settings;
+use crate::transform::{RecordContext, Transform};
+
+/// What happens to a record whose base64 is invalid or whose aggregate is corrupt
+/// (`DEAGG_ON_CORRUPT`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum OnCorrupt {
+    /// Report it as a batch item failure: Lambda retries it until it expires or goes to the
+    /// on-failure destination. Nothing is lost, but the shard waits.
+    Fail,
+    /// Deliver it to the transform as one raw record (the KCL's behaviour), with
+    /// [`RecordContext::passed_through`] set.
+    Passthrough,
+    /// Log it, count it and acknowledge it. Its data is lost on purpose.
+    Skip,
+}
+
+/// How user records are scheduled (`DEAGG_MODE`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Mode {
+    /// One at a time, in order; stop at the first failure.
+    Ordered,
+    /// Partition keys side by side (at most `DEAGG_CONCURRENCY` at once), in order within a
+    /// key; records after the lowest failure are not started.
+    Concurrent,
+}
+
+/// A problem with one Kinesis record, naming its sequence number.
+#[derive(Clone, Debug, PartialEq, thiserror::Error)]
+#[error("record {sequence_number}: {kind}")]
+pub struct RecordError {
+    /// The Kinesis record concerned.
+    pub sequence_number: Arc<str>,
+    /// What went wrong.
+    pub kind: RecordErrorKind,
+}
+
+/// What went wrong with a record.
+#[derive(Clone, Debug, PartialEq, thiserror::Error)]
+#[non_exhaustive]
+pub enum RecordErrorKind {
+    /// The `data` field is absent, not a string, or not base64.
+    #[error("{0}")]
+    Data(String),
+    /// The aggregate's checksum is right but its contents are not a valid aggregate.
+    #[error("corrupt KPL aggregate: {0}")]
+    Aggregate(#[from] DeaggError),
+}
+
+/// How one Kinesis record unpacked.
+#[derive(Clone, Debug, PartialEq)]
+pub enum RecordOutcome {
+    /// Not an aggregate: one user record.
+    Plain,
+    /// A KPL aggregate with at least one user record.
+    Aggregated,
+    /// A valid KPL aggregate holding no user record.
+    EmptyAggregate,
+    /// The magic but a wrong MD5: delivered raw, as one user record.
+    ChecksumMismatch,
+    /// Invalid base64 or a corrupt aggregate, and what the policy made of it.
+    Corrupt(RecordError, OnCorrupt),
+}
+
+/// One Kinesis record split into what the transform will see.
+#[derive(Clone, Debug)]
+pub struct Unpacked {
+    /// The user records to deliver, in order (empty for an empty aggregate, or a corrupt
+    /// record that is failed or skipped).
+    pub user_records: Vec<UserRecord>,
+    /// How the record unpacked.
+    pub outcome: RecordOutcome,
+    /// Length of the record's data after base64 decoding (0 when it did not decode).
+    pub decoded_len: usize,
+}
+
+/// Decodes and deaggregates one record and applies the corrupt-input policy, logging one
+/// line for anything unusual.
+///
+/// # Examples
+///
+/// ```
+/// use kinesis_deagg::batch::{unpack, RecordOutcome};
+/// use kinesis_deagg::event::KinesisEvent;
+/// use kinesis_deagg::Settings;
+/// let event = KinesisEvent::from_slice(br#"{"Records":[{"kinesis":{"sequenceNumber":"1","data":"%%"}}]}"#).unwrap();
+/// let unpacked = unpack(&event.records[0], &Settings::default());
+/// assert!(matches!(unpacked.outcome, RecordOutcome::Corrupt(..)));
+/// assert!(unpacked.user_records.is_empty());
+/// ```
+pub fn unpack(record: &EventRecord, settings: &Settings) -> Unpacked {
+    let seq = &record.sequence_number;
+    let corrupt = |kind: RecordErrorKind, raw: bytes::Bytes, decoded_len| {
+        let error = RecordError {
+            sequence_number: seq.clone(),
+            kind,
+        };
+        let action = settings.on_corrupt;
+        tracing::error!(sequence_number = %seq, action = ?action, "{error}");
+        let user_records = match action {
+            OnCorrupt::Passthrough => vec![UserRecord::plain(&record.partition_key, None, raw)],
+            OnCorrupt::Fail | OnCorrupt::Skip => vec![],
+        };
+        Unpacked {
+            user_records,
+            outcome: RecordOutcome::Corrupt(error, action),
+            decoded_len,
+        }
+    };
+    let data = match record.decode_data() {
+        Ok(data) => data,
+        Err(message) => {
+            // Passed through raw means the text as it came, since there are no decoded bytes.
+            let raw = record.data.clone().unwrap_or_default().into();
+            return corrupt(RecordErrorKind::Data(message), raw, 0);
+        }
+    };
+    let decoded_len = data.len();
+    let plain = |data, outcome| Unpacked {
+        user_records: vec![UserRecord::plain(&record.partition_key, None, data)],
+        outcome,
+        decoded_len,
+    };
+    match deaggregate_with(data.clone(), settings.verify_checksum) {
+        Ok(Deaggregated::Plain(data)) => plain(data, RecordOutcome::Plain),
+        Ok(Deaggregated::ChecksumMismatch(data)) => {
+            tracing::warn!(
+                sequence_number = %seq,
+                "record {seq}: starts with the KPL magic but its MD5 does not match; delivered as one plain record"
+            );
+            plain(data, RecordOutcome::ChecksumMismatch)
+        }
+        Ok(Deaggregated::Aggregated(users)) if users.is_empty() => {
+            tracing::warn!(sequence_number = %seq, "record {seq}: KPL aggregate holds no user record");
+            Unpacked {
+                user_records: users,
+                outcome: RecordOutcome::EmptyAggregate,
+                decoded_len,
+            }
+        }
+        Ok(Deaggregated::Aggregated(users)) => Unpacked {
+            user_records: users,
+            outcome: RecordOutcome::Aggregated,
+            decoded_len,
+        },
+        Err(e) => corrupt(e.into(), data, decoded_len),
+    }
+}
+
+/// Counts of what one batch held and what became of it.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct BatchStats {
+    /// Kinesis records in the event.
+    pub kinesis_records: u64,
+    /// Of those, valid KPL aggregates (empty ones included).
+    pub aggregated_records: u64,
+    /// Decoded bytes of all Kinesis records.
+    pub bytes: u64,
+    /// User records found in the batch (a passed-through record counts as one).
+    pub user_records: u64,
+    /// User records the transform accepted.
+    pub succeeded: u64,
+    /// User records the transform failed (an error or a panic).
+    pub failed: u64,
+    /// Corrupt records reported as failures (`fail`).
+    pub corrupt_failed: u64,
+    /// Corrupt records delivered raw (`passthrough`).
+    pub corrupt_passed_through: u64,
+    /// Corrupt records acknowledged without processing (`skip`).
+    pub corrupt_skipped: u64,
+    /// Records with the magic but a wrong MD5, delivered raw.
+    pub checksum_mismatches: u64,
+    /// Valid aggregates with no user record.
+    pub empty_aggregates: u64,
+    /// User records with a key that was not valid UTF-8.
+    pub lossy_keys: u64,
+}
+
+/// Why a batch stopped before its end.
+#[derive(Clone, Debug, PartialEq)]
+pub enum StopReason {
+    /// A corrupt record under `DEAGG_ON_CORRUPT=fail`.
+    Corrupt(RecordError),
+    /// The transform returned an error for a user record.
+    TransformError {
+        /// The user record's sub-sequence number (`None` when not aggregated).
+        sub_sequence_number: Option<u64>,
+        /// The error's text.
+        message: String,
+    },
+    /// The transform panicked on a user record.
+    TransformPanic {
+        /// The user record's sub-sequence number.
+        sub_sequence_number: Option<u64>,
+        /// The panic message.
+        message: String,
+    },
+    /// Too little time was left.
+    Deadline,
+}
+
+/// The first Kinesis record not fully processed, which is what Lambda is told.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Failure {
+    /// Its sequence number.
+    pub sequence_number: Arc<str>,
+    /// Why processing stopped there.
+    pub reason: StopReason,
+}
+
+/// The result of a batch: at most one failure to report, and counts.
+#[derive(Clone, Debug, PartialEq)]
+pub struct BatchOutcome {
+    /// The record Lambda should retry from, if any.
+    pub failure: Option<Failure>,
+    /// What the batch held.
+    pub stats: BatchStats,
+}
+
+impl BatchOutcome {
+    /// The partial batch response: `{"batchItemFailures":[]}` on success, else exactly one
+    /// item naming the first record not fully processed. Never an empty identifier.
+    pub fn response(&self) -> KinesisEventResponse {
+        let mut response = KinesisEventResponse::default();
+        if let Some(f) = &self.failure {
+            response.add_failure(f.sequence_number.to_string());
+        }
+        response
+    }
+}
+
+/// One user record waiting for the transform, with the index of its Kinesis record.
+struct Item {
+    index: usize,
+    record: UserRecord,
+    context: RecordContext,
+}
+
+/// Shared state of the lanes: the lowest index that will be reported, and why.
+struct Floor {
+    index: Cell<usize>,
+    reason: Cell<Option<StopReason>>,
+}
+
+impl Floor {
+    fn lower(&self, index: usize, reason: StopReason) {
+        if index < self.index.get() {
+            self.index.set(index);
+            self.reason.set(Some(reason));
+        }
+    }
+}
+
+/// Processes one batch: see the module docs for the rules.
+///
+/// `deadline` is when Lambda will stop the invocation; processing stops
+/// [`Settings::deadline_margin`] before it. The future is not `Send`: the concurrent mode
+/// interleaves transform calls on the current task rather than spawning.
+///
+/// # Examples
+///
+/// ```
+/// use kinesis_deagg::{batch, event::KinesisEvent, Settings};
+/// use kinesis_deagg::kpl::UserRecord;
+/// use kinesis_deagg::transform::RecordContext;
+///
+/// let event = KinesisEvent::from_slice(br#"{"Records":[
+///   {"kinesis":{"sequenceNumber":"1","partitionKey":"k","data":"b2s="}},
+///   {"kinesis":{"sequenceNumber":"2","partitionKey":"k","data":"YmFk"}},
+///   {"kinesis":{"sequenceNumber":"3","partitionKey":"k","data":"b2s="}}]}"#).unwrap();
+/// let transform = |r: UserRecord, _: RecordContext| async move {
+///     if &r.data()[..] == b"bad" { Err("bad record") } else { Ok(()) }
+/// };
+/// let rt = tokio::runtime::Builder::new_current_thread().enable_time().build().unwrap();
+/// let outcome = rt.block_on(batch::process(&event.records, &transform, &Settings::default(), None));
+/// assert_eq!(serde_json::to_string(&outcome.response()).unwrap(),
+///            r#"{"batchItemFailures":[{"itemIdentifier":"2"}]}"#);
+/// ```
+pub async fn process<T: Transform>(
+    records: &[EventRecord],
+    transform: &T,
+    settings: &Settings,
+    deadline: Option<Instant>,
+) -> BatchOutcome {
+    let mut stats = BatchStats {
+        kinesis_records: records.len() as u64,
+        ..Default::default()
+    };
+    let floor = Floor {
+        index: Cell::new(records.len()),
+        reason: Cell::new(None),
+    };
+    let mut items = Vec::new();
+    for (index, record) in records.iter().enumerate() {
+        let unpacked = unpack(record, settings);
+        stats.bytes += unpacked.decoded_len as u64;
+        let passed_through: Option<Arc<str>> = match &unpacked.outcome {
+            RecordOutcome::Plain => None,
+            RecordOutcome::Aggregated => {
+                stats.aggregated_records += 1;
+                None
+            }
+            RecordOutcome::EmptyAggregate => {
+                stats.aggregated_records += 1;
+                stats.empty_aggregates += 1;
+                None
+            }
+            RecordOutcome::ChecksumMismatch => {
+                stats.checksum_mismatches += 1;
+                Some("KPL magic with a wrong MD5".into())
+            }
+            RecordOutcome::Corrupt(error, action) => {
+                match action {
+                    OnCorrupt::Fail => {
+                        stats.corrupt_failed += 1;
+                        floor.lower(index, StopReason::Corrupt(error.clone()));
+                    }
+                    OnCorrupt::Passthrough => stats.corrupt_passed_through += 1,
+                    OnCorrupt::Skip => stats.corrupt_skipped += 1,
+                }
+                Some(error.kind.to_string().into())
+            }
+        };
+        let aggregated = matches!(unpacked.outcome, RecordOutcome::Aggregated);
+        for user in unpacked.user_records {
+            stats.user_records += 1;
+            stats.lossy_keys += user.has_lossy_keys() as u64;
+            let context = RecordContext {
+                sequence_number: record.sequence_number.clone(),
+                sub_sequence_number: user.sub_sequence_number(),
+                shard_id: record.shard_id.clone(),
+                stream_arn: record.event_source_arn.clone(),
+                approximate_arrival: record.approximate_arrival,
+                aggregated,
+                passed_through: passed_through.clone(),
+            };
+            items.push(Item {
+                index,
+                record: user,
+                context,
+            });
+        }
+    }
+
+    let stop_at = deadline.map(|d| d.checked_sub(settings.deadline_margin()).unwrap_or(d));
+    let succeeded = Cell::new(0u64);
+    let failed = Cell::new(0u64);
+    let run_lane = |lane: Vec<Item>| async {
+        for item in lane {
+            if item.index >= floor.index.get() {
+                break;
+            }
+            match call(transform, item.record, item.context, stop_at).await {
+                Ok(()) => succeeded.set(succeeded.get() + 1),
+                Err(reason) => {
+                    if reason != StopReason::Deadline {
+                        failed.set(failed.get() + 1);
+                    }
+                    floor.lower(item.index, reason);
+                    break;
+                }
+            }
+        }
+    };
+    match settings.mode {
+        Mode::Ordered => run_lane(items).await,
+        Mode::Concurrent => {
+            futures::stream::iter(lanes_by_partition_key(items))
+                .map(run_lane)
+                .buffer_unordered(settings.concurrency.into())
+                .collect::<()>()
+                .await
+        }
+    }
+    stats.succeeded = succeeded.get();
+    stats.failed = failed.get();
+    let failure = records.get(floor.index.get()).map(|r| Failure {
+        sequence_number: r.sequence_number.clone(),
+        reason: floor
+            .reason
+            .take()
+            .expect("the floor only moves below the batch's end together with a reason"),
+    });
+    if let Some(f) = &failure {
+        tracing::warn!(
+            sequence_number = %f.sequence_number,
+            reason = ?f.reason,
+            "reporting record {} as the batch item failure; Lambda retries from it",
+            f.sequence_number
+        );
+    }
+    BatchOutcome { failure, stats }
+}
+
+/// Splits items into one lane per partition key, each in batch order.
+fn lanes_by_partition_key(items: Vec<Item>) -> Vec<Vec<Item>> {
+    let mut lane_of: HashMap<Arc<str>, usize> = HashMap::new();
+    let mut lanes: Vec<Vec<Item>> = Vec::new();
+    for item in items {
+        let key: Arc<str> = item.record.partition_key().into();
+        let lane = *lane_of.entry(key).or_insert_with(|| {
+            lanes.push(Vec::new());
+            lanes.len() - 1
+        });
+        lanes[lane].push(item);
+    }
+    lanes
+}
+
+/// Runs the transform on one user record, turning an error, a panic or the deadline into the
+/// reason to stop, and logging it.
+async fn call<T: Transform>(
+    transform: &T,
+    record: UserRecord,
+    context: RecordContext,
+    stop_at: Option<Instant>,
+) -> Result<(), StopReason> {
+    let seq = context.sequence_number.clone();
+    let sub = context.sub_sequence_number;
+    if stop_at.is_some_and(|t| Instant::now() >= t) {
+        tracing::warn!(sequence_number = %seq, sub_sequence_number = sub, "deadline margin reached before record {seq}; stopping");
+        return Err(StopReason::Deadline);
+    }
+    let run = AssertUnwindSafe(transform.call(record, context)).catch_unwind();
+    let result = match stop_at {
+        Some(t) => match tokio::time::timeout_at(t.into(), run).await {
+            Ok(result) => result,
+            Err(_) => {
+                tracing::warn!(sequence_number = %seq, sub_sequence_number = sub, "deadline margin reached while the transform ran on record {seq}; abandoning it");
+                return Err(StopReason::Deadline);
+            }
+        },
+        None => run.await,
+    };
+    match result {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => {
+            tracing::error!(sequence_number = %seq, sub_sequence_number = sub, "record {seq}: transform failed: {e}");
+            Err(StopReason::TransformError {
+                sub_sequence_number: sub,
+                message: e.to_string(),
+            })
+        }
+        Err(panic) => {
+            let message = panic
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "a panic without a message".into());
+            tracing::error!(sequence_number = %seq, sub_sequence_number = sub, "record {seq}: transform panicked: {message}");
+            Err(StopReason::TransformPanic {
+                sub_sequence_number: sub,
+                message,
+            })
+        }
+    }
+}

@@ -1,0 +1,117 @@
+//! The Lambda glue: the batch processor as a tower `Service`, so `lambda_runtime::run` (and
+//! any tower layer) takes it unchanged.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context as TaskContext, Poll};
+use std::time::{Duration, Instant, SystemTime};
+
+use aws_lambda_events::event::streams::KinesisEventResponse;
+use lambda_runtime::{LambdaEvent, Service};
+
+use crate::batch::{self, BatchOutcome};
+use crate::event::KinesisEvent;
+use crate::settings::Settings;
+use crate::transform::Transform;
+
+/// A transform and the settings it runs with: the handler of a Kinesis Lambda function.
+///
+/// Cloning is cheap (the two are shared), as tower services expect.
+///
+/// # Examples
+///
+/// A complete Lambda function with its own transform:
+///
+/// ```no_run
+/// use kinesis_deagg::{Processor, Settings};
+/// use kinesis_deagg::kpl::UserRecord;
+/// use kinesis_deagg::transform::RecordContext;
+///
+/// #[tokio::main(flavor = "current_thread")]
+/// async fn main() -> Result<(), lambda_runtime::Error> {
+///     let transform = |record: UserRecord, ctx: RecordContext| async move {
+///         println!("{} has {} bytes", ctx.idempotency_key(), record.data().len());
+///         Ok::<(), lambda_runtime::Error>(())
+///     };
+///     lambda_runtime::run(Processor::new(transform, Settings::from_env()?)).await
+/// }
+/// ```
+pub struct Processor<T> {
+    inner: Arc<(T, Settings)>,
+}
+
+impl<T> Clone for Processor<T> {
+    fn clone(&self) -> Self {
+        Processor {
+            inner: self.inner.clone(),
+        }
+    }
+}
+
+impl<T: Transform> Processor<T> {
+    /// A processor running `transform` with `settings`.
+    pub fn new(transform: T, settings: Settings) -> Self {
+        Processor {
+            inner: Arc::new((transform, settings)),
+        }
+    }
+
+    /// The settings in use.
+    pub fn settings(&self) -> &Settings {
+        &self.inner.1
+    }
+
+    /// Processes one event: what the Lambda handler does, without the Runtime API.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use kinesis_deagg::{Processor, Settings, event::KinesisEvent};
+    /// use kinesis_deagg::transform::{Builtin, BuiltinTransform};
+    ///
+    /// let processor = Processor::new(BuiltinTransform::new(Builtin::Json, 0), Settings::default());
+    /// let event = KinesisEvent::from_slice(br#"{"Records":[
+    ///   {"kinesis":{"sequenceNumber":"1","data":"e30="}},
+    ///   {"kinesis":{"sequenceNumber":"2","data":"bm90IGpzb24="}}]}"#).unwrap();
+    /// let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    /// let outcome = rt.block_on(processor.handle(&event, None));
+    /// assert_eq!(outcome.failure.unwrap().sequence_number.as_ref(), "2");
+    /// assert_eq!(outcome.stats.succeeded, 1);
+    /// ```
+    pub async fn handle(&self, event: &KinesisEvent, deadline: Option<Instant>) -> BatchOutcome {
+        let (transform, settings) = &*self.inner;
+        batch::process(&event.records, transform, settings, deadline).await
+    }
+}
+
+/// The invocation's deadline as an `Instant`; `None` when the context has none.
+fn deadline(context: &lambda_runtime::Context) -> Option<Instant> {
+    if context.deadline == 0 {
+        return None;
+    }
+    let deadline = SystemTime::UNIX_EPOCH + Duration::from_millis(context.deadline);
+    let remaining = deadline
+        .duration_since(SystemTime::now())
+        .unwrap_or(Duration::ZERO);
+    Some(Instant::now() + remaining)
+}
+
+impl<T: Transform + 'static> Service<LambdaEvent<KinesisEvent>> for Processor<T> {
+    type Response = KinesisEventResponse;
+    type Error = lambda_runtime::Error;
+    type Future =
+        Pin<Box<dyn Future<Output = Result<KinesisEventResponse, lambda_runtime::Error>>>>;
+
+    fn poll_ready(&mut self, _: &mut TaskContext<'_>) -> Poll<Result<(), Self::Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, request: LambdaEvent<KinesisEvent>) -> Self::Future {
+        let this = self.clone();
+        Box::pin(async move {
+            let deadline = deadline(&request.context);
+            Ok(this.handle(&request.payload, deadline).await.response())
+        })
+    }
+}

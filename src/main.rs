@@ -1,0 +1,295 @@
+//! `kinesis-deagg`: the Lambda `bootstrap` inside Lambda, a command-line tool outside it.
+//!
+//! Only wiring lives here: settings to the library, and errors to the terminal.
+
+use std::io::{IsTerminal, Read, Write};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD;
+use clap::{Args, Parser, Subcommand};
+use kinesis_deagg::batch::{OnCorrupt, RecordOutcome, unpack};
+use kinesis_deagg::event::KinesisEvent;
+use kinesis_deagg::kpl::Aggregator;
+use kinesis_deagg::transform::{BuiltinTransform, decode_line};
+use kinesis_deagg::{Processor, Settings};
+use serde_json::{Value, json};
+
+/// Deaggregates KPL records in Kinesis Lambda events and reports partial batch failures.
+///
+/// Inside Lambda (`AWS_LAMBDA_RUNTIME_API` set) and run without a command, it serves
+/// invocations with the transform named by `DEAGG_TRANSFORM`.
+#[derive(Parser)]
+#[command(name = "kinesis-deagg", version)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// invoke: run the Lambda handler in-process on an event and print its response as the
+    /// last line of stdout.
+    Invoke {
+        /// Lambda Kinesis event JSON; `-` or nothing for stdin.
+        file: Option<PathBuf>,
+        /// Pretend the invocation has this many milliseconds left (to try the deadline).
+        #[arg(long)]
+        remaining_time_ms: Option<u64>,
+        #[command(flatten)]
+        settings: Settings,
+    },
+    /// decode: print one JSON line per user record of an event or of `aws kinesis
+    /// get-records` output (exit 1 when a record is reported as failed).
+    Decode {
+        /// Event or get-records JSON; `-` or nothing for stdin.
+        file: Option<PathBuf>,
+        #[command(flatten)]
+        settings: DecodeSettings,
+    },
+    /// aggregate: build a Lambda Kinesis event from JSON lines of user records.
+    ///
+    /// Each line: `partitionKey`, optional `explicitHashKey`, and `data` (standard base64) or
+    /// `text` (UTF-8); `"plain": true` puts that user record in a Kinesis record of its own,
+    /// not aggregated.
+    Aggregate(AggregateArgs),
+}
+
+#[derive(Args)]
+struct DecodeSettings {
+    /// What happens to invalid base64 or a corrupt aggregate.
+    #[arg(long, env = "DEAGG_ON_CORRUPT", value_enum, default_value = "fail")]
+    on_corrupt: OnCorrupt,
+    /// Verify each aggregate's MD5.
+    #[arg(long, env = "DEAGG_VERIFY_CHECKSUM", default_value_t = true, action = clap::ArgAction::Set)]
+    verify_checksum: bool,
+}
+
+#[derive(Args)]
+struct AggregateArgs {
+    /// JSON lines of user records; `-` or nothing for stdin.
+    file: Option<PathBuf>,
+    /// Put every user record in a Kinesis record of its own.
+    #[arg(long)]
+    plain: bool,
+    /// Largest aggregate in bytes (data plus outer partition key).
+    #[arg(long, default_value_t = 1024 * 1024)]
+    max_size: usize,
+    /// At most this many user records per aggregate.
+    #[arg(long)]
+    per_aggregate: Option<usize>,
+    /// Shard id written in each record's `eventID`.
+    #[arg(long, default_value = "shardId-000000000000")]
+    shard_id: String,
+    /// Stream ARN written in `eventSourceARN`.
+    #[arg(
+        long,
+        default_value = "arn:aws:kinesis:us-east-1:123456789012:stream/kinesis-deagg-sample"
+    )]
+    stream_arn: String,
+    /// Arrival time of the first record, in seconds since the epoch (later ones add 1 ms).
+    #[arg(long, default_value_t = 1_764_000_000.0)]
+    arrival: f64,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging();
+    match run(cli) {
+        Ok(code) => code,
+        // A closed pipe (`decode ... | head`) is the reader's choice, not an error.
+        Err(e) if is_broken_pipe(&*e) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("kinesis-deagg: {e}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+type Error = Box<dyn std::error::Error + Send + Sync>;
+
+fn is_broken_pipe(e: &(dyn std::error::Error + 'static)) -> bool {
+    e.downcast_ref::<std::io::Error>()
+        .is_some_and(|e| e.kind() == std::io::ErrorKind::BrokenPipe)
+}
+
+fn run(cli: Cli) -> Result<ExitCode, Error> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    match cli.command {
+        None if std::env::var_os("AWS_LAMBDA_RUNTIME_API").is_some() => {
+            let settings = Settings::from_env()?;
+            let transform = BuiltinTransform::new(settings.transform, settings.log_max_bytes);
+            runtime.block_on(lambda_runtime::run(Processor::new(transform, settings)))?;
+            Ok(ExitCode::SUCCESS)
+        }
+        None => Err("not inside Lambda (AWS_LAMBDA_RUNTIME_API is not set); \
+             use a command, e.g. `kinesis-deagg invoke events/aggregated.json`, or see --help"
+            .into()),
+        Some(Command::Invoke {
+            file,
+            remaining_time_ms,
+            settings,
+        }) => {
+            let event = read_event(file)?;
+            let transform = BuiltinTransform::new(settings.transform, settings.log_max_bytes);
+            let processor = Processor::new(transform, settings);
+            let deadline = remaining_time_ms.map(|ms| Instant::now() + Duration::from_millis(ms));
+            let outcome = runtime.block_on(processor.handle(&event, deadline));
+            let mut out = std::io::stdout().lock();
+            writeln!(out, "{}", serde_json::to_string(&outcome.response())?)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Some(Command::Decode { file, settings }) => decode(read_event(file)?, settings),
+        Some(Command::Aggregate(args)) => aggregate(args),
+    }
+}
+
+fn decode(event: KinesisEvent, decode: DecodeSettings) -> Result<ExitCode, Error> {
+    let settings = Settings {
+        on_corrupt: decode.on_corrupt,
+        verify_checksum: decode.verify_checksum,
+        ..Settings::default()
+    };
+    let mut out = std::io::stdout().lock();
+    let mut failed = false;
+    for record in &event.records {
+        let unpacked = unpack(record, &settings);
+        if let RecordOutcome::Corrupt(error, OnCorrupt::Fail) = &unpacked.outcome {
+            failed = true;
+            let line = json!({"sequenceNumber": &*record.sequence_number, "error": error.kind.to_string()});
+            writeln!(out, "{line}")?;
+        }
+        for user in &unpacked.user_records {
+            writeln!(out, "{}", decode_line(user, &record.sequence_number))?;
+        }
+    }
+    Ok(if failed {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    })
+}
+
+fn aggregate(args: AggregateArgs) -> Result<ExitCode, Error> {
+    let input = read_input(args.file.as_ref())?;
+    let mut aggregator = Aggregator::with_max_size(args.max_size)?;
+    // Kinesis records: (partition key, explicit hash key, data).
+    let mut out: Vec<(String, Option<String>, Vec<u8>)> = Vec::new();
+    let flush = |aggregator: &mut Aggregator, out: &mut Vec<_>| {
+        if let Some(r) = aggregator.finish() {
+            out.push((r.partition_key, Some(r.explicit_hash_key), r.data.to_vec()));
+        }
+    };
+    for (n, line) in String::from_utf8(input)?.lines().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        let at = |what: &str| format!("line {}: {what}", n + 1);
+        let v: Value = serde_json::from_str(line).map_err(|e| at(&e.to_string()))?;
+        let pk = v["partitionKey"]
+            .as_str()
+            .ok_or_else(|| at("no string `partitionKey`"))?;
+        let ehk = v["explicitHashKey"].as_str();
+        let data = match (v["data"].as_str(), v["text"].as_str()) {
+            (Some(b64), _) => STANDARD
+                .decode(b64)
+                .map_err(|e| at(&format!("`data` is not base64: {e}")))?,
+            (None, Some(text)) => text.as_bytes().to_vec(),
+            (None, None) => return Err(at("needs `data` (base64) or `text`").into()),
+        };
+        if args.plain || v["plain"].as_bool() == Some(true) {
+            flush(&mut aggregator, &mut out);
+            out.push((pk.to_owned(), ehk.map(str::to_owned), data));
+            continue;
+        }
+        if args
+            .per_aggregate
+            .is_some_and(|max| aggregator.len() >= max)
+        {
+            flush(&mut aggregator, &mut out);
+        }
+        if let Some(r) = aggregator
+            .add(pk, ehk, &data)
+            .map_err(|e| at(&e.to_string()))?
+        {
+            out.push((r.partition_key, Some(r.explicit_hash_key), r.data.to_vec()));
+        }
+    }
+    flush(&mut aggregator, &mut out);
+
+    let region = args.stream_arn.split(':').nth(3).unwrap_or("us-east-1");
+    let records: Vec<Value> = out
+        .into_iter()
+        .enumerate()
+        .map(|(i, (pk, _ehk, data))| {
+            let seq = format!("49590000000000000000000000000000000000000000000000{:06}", i + 1);
+            json!({
+                "kinesis": {
+                    "kinesisSchemaVersion": "1.0",
+                    "partitionKey": pk,
+                    "sequenceNumber": seq,
+                    "data": STANDARD.encode(data),
+                    "approximateArrivalTimestamp": ((args.arrival * 1000.0).round() + i as f64) / 1000.0,
+                },
+                "eventSource": "aws:kinesis",
+                "eventVersion": "1.0",
+                "eventID": format!("{}:{seq}", args.shard_id),
+                "eventName": "aws:kinesis:record",
+                "invokeIdentityArn": "arn:aws:iam::123456789012:role/kinesis-deagg",
+                "awsRegion": region,
+                "eventSourceARN": args.stream_arn,
+            })
+        })
+        .collect();
+    let mut stdout = std::io::stdout().lock();
+    serde_json::to_writer_pretty(&mut stdout, &json!({ "Records": records }))?;
+    writeln!(stdout)?;
+    Ok(ExitCode::SUCCESS)
+}
+
+fn read_input(file: Option<&PathBuf>) -> Result<Vec<u8>, Error> {
+    let mut buf = Vec::new();
+    match file {
+        Some(path) if path.as_os_str() != "-" => {
+            buf =
+                std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+        }
+        _ => {
+            if std::io::stdin().is_terminal() {
+                return Err("no input: give a file, or pipe JSON into stdin".into());
+            }
+            std::io::stdin().read_to_end(&mut buf)?;
+        }
+    }
+    Ok(buf)
+}
+
+fn read_event(file: Option<PathBuf>) -> Result<KinesisEvent, Error> {
+    let bytes = read_input(file.as_ref())?;
+    let name = file.map_or("stdin".into(), |p| p.display().to_string());
+    KinesisEvent::from_slice(&bytes).map_err(|e| format!("{name}: {e}").into())
+}
+
+/// Logs to stderr (stdout is for responses and `echo`), JSON when Lambda's log format says so,
+/// at the level of `AWS_LAMBDA_LOG_LEVEL`, else `RUST_LOG`, else info.
+fn init_logging() {
+    use tracing_subscriber::EnvFilter;
+    let level = std::env::var("AWS_LAMBDA_LOG_LEVEL")
+        .or_else(|_| std::env::var("RUST_LOG"))
+        .unwrap_or_else(|_| "info".into())
+        .to_lowercase();
+    let filter = EnvFilter::try_new(&level).unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false);
+    if std::env::var("AWS_LAMBDA_LOG_FORMAT").is_ok_and(|f| f.eq_ignore_ascii_case("json")) {
+        builder.json().with_current_span(false).init();
+    } else {
+        builder.with_ansi(std::io::stderr().is_terminal()).init();
+    }
+}

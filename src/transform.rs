@@ -1,0 +1,275 @@
+//! The user's code: the [`Transform`] trait, the [`RecordContext`] it receives, and the
+//! built-in transforms.
+
+use std::future::Future;
+use std::io::Write;
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD;
+
+use crate::kpl::UserRecord;
+
+/// The error a transform returns: anything that is an error (the same type as
+/// `lambda_runtime::Error`).
+pub type Error = Box<dyn std::error::Error + Send + Sync>;
+
+/// What a transform knows about the user record it is given, besides the record itself.
+#[derive(Clone, Debug, PartialEq)]
+#[non_exhaustive]
+pub struct RecordContext {
+    /// Sequence number of the Kinesis record holding the user record: what Lambda is told
+    /// when the user record fails.
+    pub sequence_number: Arc<str>,
+    /// Position of the user record in its aggregate; `None` for a record that was not one.
+    pub sub_sequence_number: Option<u64>,
+    /// The shard, from the event's `eventID`.
+    pub shard_id: Option<Arc<str>>,
+    /// The stream's ARN (`eventSourceARN`).
+    pub stream_arn: Option<Arc<str>>,
+    /// When Kinesis received the Kinesis record.
+    pub approximate_arrival: Option<SystemTime>,
+    /// True when the user record came out of a KPL aggregate.
+    pub aggregated: bool,
+    /// Set when the record is delivered raw although it looked like something else (a corrupt
+    /// aggregate or invalid base64 under `DEAGG_ON_CORRUPT=passthrough`, or a checksum
+    /// mismatch): the reason, as logged.
+    pub passed_through: Option<Arc<str>>,
+}
+
+impl RecordContext {
+    /// A context for a record of sequence number `sequence_number`, everything else unknown.
+    /// Mostly for tests of transforms.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use kinesis_deagg::transform::RecordContext;
+    /// let mut ctx = RecordContext::new("4959");
+    /// ctx.sub_sequence_number = Some(3);
+    /// assert_eq!(ctx.idempotency_key(), "4959:3");
+    /// ```
+    pub fn new(sequence_number: &str) -> Self {
+        RecordContext {
+            sequence_number: sequence_number.into(),
+            sub_sequence_number: None,
+            shard_id: None,
+            stream_arn: None,
+            approximate_arrival: None,
+            aggregated: false,
+            passed_through: None,
+        }
+    }
+
+    /// A key that names this user record across retries: the sequence number, plus
+    /// `:<sub-sequence number>` for a user record of an aggregate.
+    ///
+    /// When user record k of an aggregate fails, Lambda retries the whole Kinesis record and
+    /// user records 0..k-1 are seen again, so a transform with side effects should remember
+    /// this key (or make its effect idempotent some other way).
+    pub fn idempotency_key(&self) -> String {
+        match self.sub_sequence_number {
+            Some(sub) => format!("{}:{sub}", self.sequence_number),
+            None => self.sequence_number.to_string(),
+        }
+    }
+}
+
+/// Your code: called once per user record, in order within a shard (and within a partition
+/// key in the concurrent mode).
+///
+/// Return `Err` to fail the user record: the Kinesis record that holds it is reported to
+/// Lambda, which retries from there. A panic is caught and counts as a failure too.
+///
+/// Any `async` closure (or function) taking `(UserRecord, RecordContext)` is a transform:
+///
+/// ```
+/// use kinesis_deagg::kpl::UserRecord;
+/// use kinesis_deagg::transform::{RecordContext, Transform};
+///
+/// let count_bytes = |record: UserRecord, ctx: RecordContext| async move {
+///     if record.data().is_empty() {
+///         return Err(format!("{} is empty", ctx.idempotency_key()).into());
+///     }
+///     Ok::<(), kinesis_deagg::transform::Error>(())
+/// };
+/// let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+/// let empty = UserRecord::plain("k", None, bytes::Bytes::new());
+/// assert!(rt.block_on(count_bytes.call(empty, RecordContext::new("1"))).is_err());
+/// ```
+pub trait Transform {
+    /// Handles one user record.
+    fn call(
+        &self,
+        record: UserRecord,
+        context: RecordContext,
+    ) -> impl Future<Output = Result<(), Error>>;
+}
+
+impl<F, Fut, E> Transform for F
+where
+    F: Fn(UserRecord, RecordContext) -> Fut,
+    Fut: Future<Output = Result<(), E>>,
+    E: Into<Error>,
+{
+    async fn call(&self, record: UserRecord, context: RecordContext) -> Result<(), Error> {
+        self(record, context).await.map_err(Into::into)
+    }
+}
+
+/// The transforms that ship with the binary, chosen with `DEAGG_TRANSFORM`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Builtin {
+    /// One structured log line per user record (data as UTF-8 when it is, else base64,
+    /// truncated beyond `DEAGG_LOG_MAX_BYTES`).
+    Log,
+    /// The `decode` JSON line of each user record on stdout.
+    Echo,
+    /// Fails any user record whose data is not one valid JSON document.
+    Json,
+    /// Reads every byte of every user record and acknowledges it: for benchmarks and for
+    /// draining a stream.
+    Discard,
+}
+
+/// A [`Builtin`] with its settings, ready to run.
+#[derive(Clone, Copy, Debug)]
+pub struct BuiltinTransform {
+    kind: Builtin,
+    log_max_bytes: usize,
+}
+
+impl BuiltinTransform {
+    /// The built-in `kind`; `log_max_bytes` bounds the data shown by `log`.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use kinesis_deagg::kpl::UserRecord;
+    /// use kinesis_deagg::transform::{Builtin, BuiltinTransform, RecordContext, Transform};
+    /// let json = BuiltinTransform::new(Builtin::Json, 256);
+    /// let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+    /// let bad = UserRecord::plain("k", None, "{oops".into());
+    /// assert!(rt.block_on(json.call(bad, RecordContext::new("1"))).is_err());
+    /// ```
+    pub fn new(kind: Builtin, log_max_bytes: usize) -> Self {
+        BuiltinTransform {
+            kind,
+            log_max_bytes,
+        }
+    }
+}
+
+impl Transform for BuiltinTransform {
+    async fn call(&self, record: UserRecord, context: RecordContext) -> Result<(), Error> {
+        match self.kind {
+            Builtin::Log => {
+                tracing::info!(
+                    sequence_number = %context.sequence_number,
+                    sub_sequence_number = context.sub_sequence_number,
+                    partition_key = record.partition_key(),
+                    explicit_hash_key = record.explicit_hash_key(),
+                    bytes = record.data().len(),
+                    data = %show(record.data(), self.log_max_bytes),
+                    "user record"
+                );
+            }
+            Builtin::Echo => {
+                let line = decode_line(&record, &context.sequence_number);
+                // A closed stdout is this record's failure, not a panic.
+                writeln!(std::io::stdout().lock(), "{line}")?;
+            }
+            Builtin::Json => {
+                serde_json::from_slice::<serde::de::IgnoredAny>(record.data())
+                    .map_err(|e| format!("user record is not one JSON document: {e}"))?;
+            }
+            Builtin::Discard => {
+                let sum = record.data().iter().fold(0u8, |a, b| a.wrapping_add(*b));
+                std::hint::black_box(sum);
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The JSON line `kinesis-deagg decode` and the `echo` transform print for a user record:
+/// `sequenceNumber`, `subSequenceNumber` (null when not aggregated), `partitionKey`,
+/// `explicitHashKey` (null when absent) and `data` in standard base64.
+///
+/// # Examples
+///
+/// ```
+/// use kinesis_deagg::kpl::UserRecord;
+/// use kinesis_deagg::transform::decode_line;
+/// let line = decode_line(&UserRecord::plain("k", None, "hi".into()), "42");
+/// assert_eq!(line, r#"{"sequenceNumber":"42","subSequenceNumber":null,"partitionKey":"k","explicitHashKey":null,"data":"aGk="}"#);
+/// ```
+pub fn decode_line(record: &UserRecord, sequence_number: &str) -> String {
+    serde_json::json!({
+        "sequenceNumber": sequence_number,
+        "subSequenceNumber": record.sub_sequence_number(),
+        "partitionKey": record.partition_key(),
+        "explicitHashKey": record.explicit_hash_key(),
+        "data": STANDARD.encode(record.data()),
+    })
+    .to_string()
+}
+
+/// Data for a log line: UTF-8 text when it is, else `base64:...`, cut at `max` bytes.
+fn show(data: &[u8], max: usize) -> String {
+    let cut = &data[..data.len().min(max)];
+    let mut shown = match std::str::from_utf8(cut) {
+        Ok(text) => text.to_owned(),
+        // A cut through a multi-byte character is still text: show the valid prefix.
+        Err(e) if e.error_len().is_none() => {
+            String::from_utf8_lossy(&cut[..e.valid_up_to()]).into_owned()
+        }
+        Err(_) => format!("base64:{}", STANDARD.encode(cut)),
+    };
+    if cut.len() < data.len() {
+        shown.push_str(&format!("... ({} bytes in all)", data.len()));
+    }
+    shown
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn log_shows_text_as_text_binary_as_base64_and_truncates() {
+        assert_eq!(show(b"hello", 10), "hello");
+        assert_eq!(show(b"hello world", 5), "hello... (11 bytes in all)");
+        assert_eq!(show(&[0xFF, 0x00], 10), "base64:/wA=");
+        // "é" is two bytes; cutting after the first keeps the text readable.
+        assert_eq!(show("aé".as_bytes(), 2), "a... (3 bytes in all)");
+    }
+
+    #[tokio::test]
+    async fn json_accepts_one_document_and_rejects_the_rest() {
+        let json = BuiltinTransform::new(Builtin::Json, 0);
+        for (data, ok) in [
+            (&b"{\"a\":1}"[..], true),
+            (b" [1] ", true),
+            (b"1 2", false),
+            (b"", false),
+        ] {
+            let r = json
+                .call(
+                    UserRecord::plain("k", None, data.into()),
+                    RecordContext::new("1"),
+                )
+                .await;
+            assert_eq!(r.is_ok(), ok, "{:?}", String::from_utf8_lossy(data));
+        }
+    }
+
+    #[test]
+    fn idempotency_keys_differ_per_user_record() {
+        let mut c = RecordContext::new("9");
+        assert_eq!(c.idempotency_key(), "9");
+        c.sub_sequence_number = Some(0);
+        assert_eq!(c.idempotency_key(), "9:0");
+    }
+}
