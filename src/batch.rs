@@ -438,7 +438,8 @@ async fn call<T: Transform>(
 ) -> Result<(), StopReason> {
     let seq = context.sequence_number.clone();
     let sub = context.sub_sequence_number;
-    if stop_at.is_some_and(|t| Instant::now() >= t) {
+    // tokio's clock (the same as std's, unless a test pauses it).
+    if stop_at.is_some_and(|t| tokio::time::Instant::now() >= t.into()) {
         tracing::warn!(sequence_number = %seq, sub_sequence_number = sub, "deadline margin reached before record {seq}; stopping");
         return Err(StopReason::Deadline);
     }

@@ -1,0 +1,52 @@
+//! Helpers shared by the integration tests: building Lambda Kinesis events.
+#![allow(dead_code)]
+
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD;
+use kinesis_deagg::event::KinesisEvent;
+use kinesis_deagg::kpl::Aggregator;
+use serde_json::{Value, json};
+
+/// One Kinesis record of a test event: its sequence number, outer key and raw `data` text.
+pub fn record(seq: &str, pk: &str, data_b64: &str) -> Value {
+    json!({
+        "kinesis": {"kinesisSchemaVersion": "1.0", "partitionKey": pk, "sequenceNumber": seq,
+                    "data": data_b64, "approximateArrivalTimestamp": 1_700_000_000.5},
+        "eventSource": "aws:kinesis", "eventVersion": "1.0",
+        "eventID": format!("shardId-000000000001:{seq}"), "eventName": "aws:kinesis:record",
+        "eventSourceARN": "arn:aws:kinesis:us-east-1:123456789012:stream/test",
+    })
+}
+
+/// A plain record holding `data`.
+pub fn plain(seq: &str, pk: &str, data: &[u8]) -> Value {
+    record(seq, pk, &STANDARD.encode(data))
+}
+
+/// A KPL aggregate of `(partition key, data)` user records, made by our own aggregator.
+pub fn aggregate(seq: &str, users: &[(&str, &[u8])]) -> Value {
+    let mut agg = Aggregator::new();
+    for (pk, data) in users {
+        assert!(agg.add(pk, None, data).unwrap().is_none());
+    }
+    let r = agg.finish().unwrap();
+    record(seq, &r.partition_key, &STANDARD.encode(&r.data))
+}
+
+/// Bytes of an aggregate whose MD5 is right but whose protobuf is not.
+pub fn corrupt_aggregate_bytes() -> Vec<u8> {
+    use md5::{Digest, Md5};
+    let protobuf = [0xFFu8; 20];
+    let mut out = kinesis_deagg::kpl::MAGIC.to_vec();
+    out.extend_from_slice(&protobuf);
+    out.extend_from_slice(&Md5::digest(protobuf));
+    out
+}
+
+pub fn event_json(records: Vec<Value>) -> Value {
+    json!({ "Records": records })
+}
+
+pub fn event(records: Vec<Value>) -> KinesisEvent {
+    serde_json::from_value(event_json(records)).unwrap()
+}

@@ -1,0 +1,380 @@
+//! The batch rules: what is reported to Lambda, what is processed, and what is not.
+
+mod common;
+
+use std::cell::RefCell;
+use std::rc::Rc;
+use std::time::Duration;
+
+use common::*;
+use kinesis_deagg::Settings;
+use kinesis_deagg::batch::{self, BatchOutcome, Mode, OnCorrupt, StopReason};
+use kinesis_deagg::event::KinesisEvent;
+use kinesis_deagg::kpl::UserRecord;
+use kinesis_deagg::transform::{Error, RecordContext};
+
+type Seen = Rc<RefCell<Vec<(String, Option<u64>, Vec<u8>)>>>;
+
+/// A transform that remembers what it saw and fails (or panics) on data saying so.
+fn recording(
+    seen: &Seen,
+) -> impl Fn(UserRecord, RecordContext) -> std::pin::Pin<Box<dyn Future<Output = Result<(), Error>>>>
+{
+    let seen = seen.clone();
+    move |r: UserRecord, c: RecordContext| {
+        let seen = seen.clone();
+        Box::pin(async move {
+            seen.borrow_mut().push((
+                c.sequence_number.to_string(),
+                c.sub_sequence_number,
+                r.data().to_vec(),
+            ));
+            match &r.data()[..] {
+                b"fail" => Err("asked to fail".into()),
+                b"panic" => panic!("asked to panic"),
+                _ => Ok(()),
+            }
+        })
+    }
+}
+
+async fn run(event: &KinesisEvent, settings: &Settings) -> (BatchOutcome, Seen) {
+    let seen = Seen::default();
+    let outcome = batch::process(&event.records, &recording(&seen), settings, None).await;
+    (outcome, seen)
+}
+
+fn reported(outcome: &BatchOutcome) -> String {
+    serde_json::to_string(&outcome.response()).unwrap()
+}
+
+fn seqs(seen: &Seen) -> Vec<String> {
+    seen.borrow()
+        .iter()
+        .map(|(s, sub, _)| format!("{s}/{sub:?}"))
+        .collect()
+}
+
+#[tokio::test]
+async fn a_batch_that_succeeds_reports_an_empty_list() {
+    let e = event(vec![
+        plain("1", "a", b"x"),
+        aggregate("2", &[("k", b"y"), ("l", b"z")]),
+    ]);
+    let (outcome, seen) = run(&e, &Settings::default()).await;
+    assert_eq!(reported(&outcome), r#"{"batchItemFailures":[]}"#);
+    assert_eq!(seen.borrow().len(), 3);
+    assert_eq!(outcome.stats.succeeded, 3);
+    assert_eq!(outcome.stats.aggregated_records, 1);
+}
+
+#[tokio::test]
+async fn an_empty_batch_succeeds() {
+    let (outcome, _) = run(&event(vec![]), &Settings::default()).await;
+    assert_eq!(reported(&outcome), r#"{"batchItemFailures":[]}"#);
+}
+
+#[tokio::test]
+async fn of_several_failing_records_the_first_is_reported_and_nothing_after_it_runs() {
+    let e = event(vec![
+        plain("10", "a", b"ok"),
+        plain("11", "a", b"fail"),
+        plain("12", "b", b"ok"),
+        plain("13", "c", b"fail"),
+    ]);
+    let (outcome, seen) = run(&e, &Settings::default()).await;
+    assert_eq!(
+        reported(&outcome),
+        r#"{"batchItemFailures":[{"itemIdentifier":"11"}]}"#
+    );
+    assert_eq!(seqs(&seen), ["10/None", "11/None"]);
+    assert_eq!((outcome.stats.succeeded, outcome.stats.failed), (1, 1));
+}
+
+#[tokio::test]
+async fn a_failure_inside_an_aggregate_reports_its_sequence_number_and_nothing_else() {
+    let e = event(vec![
+        plain("1", "a", b"ok"),
+        aggregate(
+            "2",
+            &[("k0", b"ok"), ("k1", b"ok"), ("k2", b"fail"), ("k3", b"ok")],
+        ),
+        plain("3", "a", b"ok"),
+    ]);
+    let (outcome, seen) = run(&e, &Settings::default()).await;
+    assert_eq!(
+        reported(&outcome),
+        r#"{"batchItemFailures":[{"itemIdentifier":"2"}]}"#
+    );
+    assert_eq!(
+        seqs(&seen),
+        ["1/None", "2/Some(0)", "2/Some(1)", "2/Some(2)"]
+    );
+    let failure = outcome.failure.unwrap();
+    assert!(matches!(
+        failure.reason,
+        StopReason::TransformError {
+            sub_sequence_number: Some(2),
+            ..
+        }
+    ));
+}
+
+#[tokio::test]
+async fn a_panicking_transform_fails_its_record_not_the_runtime() {
+    let e = event(vec![
+        plain("1", "a", b"ok"),
+        plain("2", "a", b"panic"),
+        plain("3", "a", b"ok"),
+    ]);
+    let (outcome, seen) = run(&e, &Settings::default()).await;
+    assert_eq!(
+        reported(&outcome),
+        r#"{"batchItemFailures":[{"itemIdentifier":"2"}]}"#
+    );
+    assert_eq!(seen.borrow().len(), 2);
+    let StopReason::TransformPanic { message, .. } = outcome.failure.unwrap().reason else {
+        panic!("not a panic")
+    };
+    assert_eq!(message, "asked to panic");
+    // The runtime is still usable.
+    let (outcome, _) = run(&event(vec![plain("4", "a", b"ok")]), &Settings::default()).await;
+    assert!(outcome.failure.is_none());
+}
+
+fn with_policy(on_corrupt: OnCorrupt) -> Settings {
+    Settings {
+        on_corrupt,
+        ..Settings::default()
+    }
+}
+
+#[tokio::test]
+async fn invalid_base64_follows_the_corrupt_policy() {
+    let e = event(vec![
+        plain("1", "a", b"ok"),
+        record("2", "a", "***"),
+        plain("3", "a", b"ok"),
+    ]);
+
+    let (outcome, seen) = run(&e, &with_policy(OnCorrupt::Fail)).await;
+    assert_eq!(
+        reported(&outcome),
+        r#"{"batchItemFailures":[{"itemIdentifier":"2"}]}"#
+    );
+    assert_eq!(seqs(&seen), ["1/None"]);
+    assert!(matches!(
+        outcome.failure.unwrap().reason,
+        StopReason::Corrupt(_)
+    ));
+    assert_eq!(outcome.stats.corrupt_failed, 1);
+
+    let (outcome, seen) = run(&e, &with_policy(OnCorrupt::Passthrough)).await;
+    assert_eq!(reported(&outcome), r#"{"batchItemFailures":[]}"#);
+    assert_eq!(seen.borrow()[1], ("2".into(), None, b"***".to_vec()));
+    assert_eq!(outcome.stats.corrupt_passed_through, 1);
+
+    let (outcome, seen) = run(&e, &with_policy(OnCorrupt::Skip)).await;
+    assert_eq!(reported(&outcome), r#"{"batchItemFailures":[]}"#);
+    assert_eq!(seqs(&seen), ["1/None", "3/None"]);
+    assert_eq!(outcome.stats.corrupt_skipped, 1);
+}
+
+#[tokio::test]
+async fn a_corrupt_aggregate_follows_the_corrupt_policy() {
+    let bad = corrupt_aggregate_bytes();
+    let e = event(vec![plain("1", "a", &bad), plain("2", "a", b"ok")]);
+
+    let (outcome, seen) = run(&e, &with_policy(OnCorrupt::Fail)).await;
+    assert_eq!(
+        reported(&outcome),
+        r#"{"batchItemFailures":[{"itemIdentifier":"1"}]}"#
+    );
+    assert!(seen.borrow().is_empty());
+
+    let (outcome, seen) = run(&e, &with_policy(OnCorrupt::Passthrough)).await;
+    assert!(outcome.failure.is_none());
+    assert_eq!(
+        seen.borrow()[0].2,
+        bad,
+        "passed through as the decoded bytes"
+    );
+
+    let (outcome, seen) = run(&e, &with_policy(OnCorrupt::Skip)).await;
+    assert!(outcome.failure.is_none());
+    assert_eq!(seqs(&seen), ["2/None"]);
+}
+
+#[tokio::test]
+async fn a_checksum_mismatch_is_passed_through_whatever_the_policy() {
+    let mut bad = corrupt_aggregate_bytes();
+    *bad.last_mut().unwrap() ^= 0xFF;
+    let e = event(vec![plain("1", "a", &bad)]);
+    let (outcome, seen) = run(&e, &with_policy(OnCorrupt::Fail)).await;
+    assert!(outcome.failure.is_none());
+    assert_eq!(seen.borrow()[0].2, bad);
+    assert_eq!(outcome.stats.checksum_mismatches, 1);
+}
+
+#[tokio::test]
+async fn an_empty_aggregate_is_counted_and_acknowledged() {
+    // Build an empty aggregate by hand: a key table and no records.
+    let protobuf = [&[0x0A, 20][..], &[b'p'; 20]].concat();
+    use md5::{Digest, Md5};
+    let data = [
+        &kinesis_deagg::kpl::MAGIC[..],
+        &protobuf,
+        &Md5::digest(&protobuf),
+    ]
+    .concat();
+    let e = event(vec![plain("1", "a", &data), plain("2", "a", b"ok")]);
+    let (outcome, seen) = run(&e, &Settings::default()).await;
+    assert!(outcome.failure.is_none());
+    assert_eq!(seqs(&seen), ["2/None"]);
+    assert_eq!(outcome.stats.empty_aggregates, 1);
+}
+
+// Paused time: tokio's clock advances only when every task sleeps, so the timings are exact.
+#[tokio::test(start_paused = true)]
+async fn the_deadline_stops_the_batch_at_the_first_unprocessed_record() {
+    let e = event(
+        (1..=10)
+            .map(|i| plain(&i.to_string(), "a", b"ok"))
+            .collect(),
+    );
+    let settings = Settings {
+        deadline_margin_ms: 100,
+        ..Settings::default()
+    };
+    let calls = Rc::new(RefCell::new(0));
+    let slow = {
+        let calls = calls.clone();
+        move |_: UserRecord, _: RecordContext| {
+            *calls.borrow_mut() += 1;
+            async {
+                tokio::time::sleep(Duration::from_millis(60)).await;
+                Ok::<(), Error>(())
+            }
+        }
+    };
+    // 100 ms margin before a deadline 250 ms away leaves 150 ms: three records of 60 ms
+    // start, the third is abandoned at the margin, and Lambda is told to retry from it.
+    let deadline = tokio::time::Instant::now().into_std() + Duration::from_millis(250);
+    let outcome = batch::process(&e.records, &slow, &settings, Some(deadline)).await;
+    assert_eq!(
+        reported(&outcome),
+        r#"{"batchItemFailures":[{"itemIdentifier":"3"}]}"#
+    );
+    assert_eq!(outcome.failure.unwrap().reason, StopReason::Deadline);
+    assert_eq!(outcome.stats.succeeded, 2);
+    assert_eq!(*calls.borrow(), 3);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_batch_that_arrives_past_the_margin_processes_nothing() {
+    let e = event(vec![plain("1", "a", b"ok")]);
+    let deadline = tokio::time::Instant::now().into_std() + Duration::from_millis(10);
+    let (settings, seen) = (Settings::default(), Seen::default());
+    let outcome = batch::process(&e.records, &recording(&seen), &settings, Some(deadline)).await;
+    assert_eq!(
+        reported(&outcome),
+        r#"{"batchItemFailures":[{"itemIdentifier":"1"}]}"#
+    );
+    assert!(seen.borrow().is_empty());
+}
+
+fn concurrent() -> Settings {
+    Settings {
+        mode: Mode::Concurrent,
+        concurrency: 4,
+        ..Settings::default()
+    }
+}
+
+#[tokio::test]
+async fn the_concurrent_mode_keeps_order_within_a_key_and_overlaps_keys() {
+    let keys = ["a", "b", "c"];
+    let mut records = Vec::new();
+    for i in 0..30 {
+        let key = keys[i % 3];
+        records.push(plain(
+            &format!("{:03}", i),
+            key,
+            format!("{key}{i}").as_bytes(),
+        ));
+    }
+    let e = event(records);
+    let order: Rc<RefCell<Vec<String>>> = Default::default();
+    let in_flight = Rc::new(RefCell::new((0, 0)));
+    let transform = {
+        let (order, in_flight) = (order.clone(), in_flight.clone());
+        move |r: UserRecord, c: RecordContext| {
+            let (order, in_flight) = (order.clone(), in_flight.clone());
+            async move {
+                {
+                    let mut f = in_flight.borrow_mut();
+                    f.0 += 1;
+                    f.1 = f.1.max(f.0);
+                }
+                // Later keys sleep less, so without per-key ordering they would overtake.
+                let n: u64 = c.sequence_number.parse().unwrap();
+                tokio::time::sleep(Duration::from_millis(5 + (30 - n) % 7)).await;
+                in_flight.borrow_mut().0 -= 1;
+                order
+                    .borrow_mut()
+                    .push(String::from_utf8(r.data().to_vec()).unwrap());
+                Ok::<(), Error>(())
+            }
+        }
+    };
+    let outcome = batch::process(&e.records, &transform, &concurrent(), None).await;
+    assert!(outcome.failure.is_none());
+    assert_eq!(outcome.stats.succeeded, 30);
+    for key in keys {
+        let seen: Vec<_> = order
+            .borrow()
+            .iter()
+            .filter(|d| d.starts_with(key))
+            .cloned()
+            .collect();
+        let expected: Vec<_> = (0..30)
+            .filter(|i| keys[i % 3] == key)
+            .map(|i| format!("{key}{i}"))
+            .collect();
+        assert_eq!(seen, expected, "order within key {key}");
+    }
+    assert!(in_flight.borrow().1 > 1, "keys never ran side by side");
+}
+
+#[tokio::test]
+async fn the_concurrent_mode_reports_the_lowest_failed_record() {
+    let e = event(vec![
+        plain("1", "a", b"ok"),
+        plain("2", "b", b"ok"),
+        plain("3", "b", b"fail"),
+        plain("4", "a", b"fail"),
+        plain("5", "a", b"ok"),
+        plain("6", "c", b"ok"),
+    ]);
+    let (outcome, seen) = run(&e, &concurrent()).await;
+    assert_eq!(
+        reported(&outcome),
+        r#"{"batchItemFailures":[{"itemIdentifier":"3"}]}"#
+    );
+    // Nothing of key "a" runs after its own failure.
+    assert!(!seqs(&seen).contains(&"5/None".to_string()));
+}
+
+#[tokio::test]
+async fn the_concurrent_mode_splits_an_aggregate_by_its_inner_keys() {
+    let e = event(vec![aggregate(
+        "1",
+        &[("x", b"ok"), ("y", b"fail"), ("x", b"ok")],
+    )]);
+    let (outcome, seen) = run(&e, &concurrent()).await;
+    assert_eq!(
+        reported(&outcome),
+        r#"{"batchItemFailures":[{"itemIdentifier":"1"}]}"#
+    );
+    assert!(seqs(&seen).contains(&"1/Some(1)".to_string()));
+}
