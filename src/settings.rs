@@ -91,3 +91,20 @@ impl Default for Settings {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_matches_the_command_line_defaults() {
+        // No test sets DEAGG_* variables, so parsing sees only the defaults.
+        let parsed = FromEnv::try_parse_from(["kinesis-deagg"]).unwrap().settings;
+        assert_eq!(parsed, Settings::default());
+    }
+
+    #[test]
+    fn a_concurrency_of_zero_is_refused() {
+        assert!(FromEnv::try_parse_from(["x", "--concurrency", "0"]).is_err());
+    }
+}

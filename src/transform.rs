@@ -203,7 +203,9 @@ impl Transform for BuiltinTransform {
 /// use kinesis_deagg::kpl::UserRecord;
 /// use kinesis_deagg::transform::decode_line;
 /// let line = decode_line(&UserRecord::plain("k", None, "hi".into()), "42");
-/// assert_eq!(line, r#"{"sequenceNumber":"42","subSequenceNumber":null,"partitionKey":"k","explicitHashKey":null,"data":"aGk="}"#);
+/// let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+/// assert_eq!(v, serde_json::json!({"sequenceNumber": "42", "subSequenceNumber": null,
+///     "partitionKey": "k", "explicitHashKey": null, "data": "aGk="}));
 /// ```
 pub fn decode_line(record: &UserRecord, sequence_number: &str) -> String {
     serde_json::json!({
