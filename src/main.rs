@@ -53,7 +53,8 @@ enum Command {
     ///
     /// Each line: `partitionKey`, optional `explicitHashKey`, and `data` (standard base64) or
     /// `text` (UTF-8); `"plain": true` puts that user record in a Kinesis record of its own,
-    /// not aggregated.
+    /// not aggregated; `rawData` makes a Kinesis record whose `data` field is that string as
+    /// given (to write invalid base64 or hand-made bytes into sample events).
     Aggregate(AggregateArgs),
 }
 
@@ -177,11 +178,12 @@ fn decode(event: KinesisEvent, decode: DecodeSettings) -> Result<ExitCode, Error
 fn aggregate(args: AggregateArgs) -> Result<ExitCode, Error> {
     let input = read_input(args.file.as_ref())?;
     let mut aggregator = Aggregator::with_max_size(args.max_size)?;
-    // Kinesis records: (partition key, explicit hash key, data).
-    let mut out: Vec<(String, Option<String>, Vec<u8>)> = Vec::new();
+    // Kinesis records: (outer partition key, `data` text). Lambda events carry no explicit
+    // hash key, so the outer one only decides the shard, which an event already names.
+    let mut out: Vec<(String, String)> = Vec::new();
     let flush = |aggregator: &mut Aggregator, out: &mut Vec<_>| {
         if let Some(r) = aggregator.finish() {
-            out.push((r.partition_key, Some(r.explicit_hash_key), r.data.to_vec()));
+            out.push((r.partition_key, STANDARD.encode(&r.data)));
         }
     };
     for (n, line) in String::from_utf8(input)?.lines().enumerate() {
@@ -193,30 +195,29 @@ fn aggregate(args: AggregateArgs) -> Result<ExitCode, Error> {
         let pk = v["partitionKey"]
             .as_str()
             .ok_or_else(|| at("no string `partitionKey`"))?;
+        if let Some(raw) = v["rawData"].as_str() {
+            flush(&mut aggregator, &mut out);
+            out.push((pk.to_owned(), raw.to_owned()));
+            continue;
+        }
         let ehk = v["explicitHashKey"].as_str();
         let data = match (v["data"].as_str(), v["text"].as_str()) {
             (Some(b64), _) => STANDARD
                 .decode(b64)
                 .map_err(|e| at(&format!("`data` is not base64: {e}")))?,
             (None, Some(text)) => text.as_bytes().to_vec(),
-            (None, None) => return Err(at("needs `data` (base64) or `text`").into()),
+            (None, None) => return Err(at("needs `data` (base64), `text` or `rawData`").into()),
         };
         if args.plain || v["plain"].as_bool() == Some(true) {
             flush(&mut aggregator, &mut out);
-            out.push((pk.to_owned(), ehk.map(str::to_owned), data));
+            out.push((pk.to_owned(), STANDARD.encode(&data)));
             continue;
         }
-        if args
-            .per_aggregate
-            .is_some_and(|max| aggregator.len() >= max)
-        {
+        if args.per_aggregate.is_some_and(|max| aggregator.len() >= max) {
             flush(&mut aggregator, &mut out);
         }
-        if let Some(r) = aggregator
-            .add(pk, ehk, &data)
-            .map_err(|e| at(&e.to_string()))?
-        {
-            out.push((r.partition_key, Some(r.explicit_hash_key), r.data.to_vec()));
+        if let Some(r) = aggregator.add(pk, ehk, &data).map_err(|e| at(&e.to_string()))? {
+            out.push((r.partition_key, STANDARD.encode(&r.data)));
         }
     }
     flush(&mut aggregator, &mut out);
@@ -225,14 +226,14 @@ fn aggregate(args: AggregateArgs) -> Result<ExitCode, Error> {
     let records: Vec<Value> = out
         .into_iter()
         .enumerate()
-        .map(|(i, (pk, _ehk, data))| {
+        .map(|(i, (pk, data))| {
             let seq = format!("49590000000000000000000000000000000000000000000000{:06}", i + 1);
             json!({
                 "kinesis": {
                     "kinesisSchemaVersion": "1.0",
                     "partitionKey": pk,
                     "sequenceNumber": seq,
-                    "data": STANDARD.encode(data),
+                    "data": data,
                     "approximateArrivalTimestamp": ((args.arrival * 1000.0).round() + i as f64) / 1000.0,
                 },
                 "eventSource": "aws:kinesis",

@@ -1,0 +1,108 @@
+# kinesis-deagg: every task a user or CI runs. `make help` lists them.
+#
+# Tools from PyPI and npm are installed, pinned, into .venv and node_modules (both git-ignored)
+# by the targets that need them, so the only prerequisites are Rust, Python 3 and Node.
+
+VENV        := .venv
+PY          := $(VENV)/bin/python
+BIN         := target/release/kinesis-deagg
+EVENT       ?= events/aggregated.json
+TRANSFORM   ?= log
+FUZZ_SECONDS ?= 600
+
+# cargo-lambda and sam from the venv come first on PATH.
+export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
+# sam wants a region even to validate, and no telemetry.
+export AWS_DEFAULT_REGION ?= us-east-1
+export SAM_CLI_TELEMETRY := 0
+
+.PHONY: help build lambda-build test lint invoke watch invoke-watch watch-check deploy \
+        events events-max bench fuzz clean deps lambda-tools pr-check
+
+help: ## List the targets.
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
+
+build: ## Build the release binary (native).
+	cargo build --release
+
+lambda-build: lambda-tools ## Build the Lambda bootstrap for arm64 with cargo-lambda (adds a rustup target on first use).
+	cargo lambda build --release --arm64
+
+test: deps ## Everything CI runs: fmt, clippy, every test (cross-compatibility included), template lints.
+	cargo fmt --check
+	cargo clippy --all-targets -- -D warnings
+	cargo test
+	$(MAKE) --no-print-directory lint-template
+
+pr-check: test ## Same as test.
+
+lint: deps ## fmt, clippy and the template lints, without the tests.
+	cargo fmt --check
+	cargo clippy --all-targets -- -D warnings
+	$(MAKE) --no-print-directory lint-template
+
+.PHONY: lint-template
+lint-template:
+	$(VENV)/bin/cfn-lint template.yaml
+	$(VENV)/bin/sam validate --lint --template template.yaml
+
+invoke: build ## Run the handler locally on EVENT (default events/aggregated.json) with TRANSFORM.
+	$(BIN) invoke --transform $(TRANSFORM) $(EVENT)
+
+watch: lambda-tools ## Serve the function with cargo lambda watch (port 9000).
+	cargo lambda watch
+
+invoke-watch: lambda-tools ## Send EVENT to the function served by `make watch`.
+	cargo lambda invoke kinesis-deagg --data-file $(EVENT)
+
+watch-check: lambda-tools ## Start cargo lambda watch, invoke every sample event, check each response.
+	bash tools/watch-check.sh
+
+deploy: lambda-tools deps ## sam build (with cargo-lambda), then sam deploy --guided.
+	$(VENV)/bin/sam build --beta-features
+	$(VENV)/bin/sam deploy --guided
+
+events: ## Rebuild the sample events in events/ from events/src/ (deterministic).
+	cargo build --release --quiet
+	$(BIN) aggregate --plain events/src/plain.ndjson > events/plain.json
+	$(BIN) aggregate --per-aggregate 4 events/src/aggregated.ndjson > events/aggregated.json
+	$(BIN) aggregate --per-aggregate 3 events/src/mixed.ndjson > events/mixed.json
+	$(BIN) aggregate events/src/corrupt-aggregate.ndjson > events/corrupt-aggregate.json
+	$(BIN) aggregate events/src/invalid-base64.ndjson > events/invalid-base64.json
+	$(BIN) aggregate events/src/json-failure.ndjson > events/json-failure.json
+
+events-max: ## Generate events/generated/max.json: a 6 MB event of 1 MiB aggregates (not committed).
+	cargo build --release --quiet
+	mkdir -p events/generated
+	python3 tools/user_records.py --bytes 4400000 --size 200 | $(BIN) aggregate > events/generated/max.json
+	@ls -l events/generated/max.json
+
+bench: ## Run the benchmarks (they print numbers; nothing is asserted).
+	cargo bench
+
+fuzz: ## Fuzz the deaggregator and the event parser, FUZZ_SECONDS each (cargo +nightly fuzz).
+	cd fuzz && cargo +nightly fuzz run -O deaggregate seeds/deaggregate -- -max_total_time=$(FUZZ_SECONDS)
+	cd fuzz && cargo +nightly fuzz run -O event seeds/event -- -max_total_time=$(FUZZ_SECONDS)
+
+deps: $(VENV)/.test-stamp node_modules/.stamp ## Install the test tools (pinned) into .venv and node_modules.
+
+lambda-tools: $(VENV)/.lambda-stamp
+
+$(VENV)/bin/python:
+	python3 -m venv $(VENV)
+
+$(VENV)/.test-stamp: tools/requirements-test.txt | $(VENV)/bin/python
+	$(PY) -m pip install --quiet -r tools/requirements-test.txt
+	touch $@
+
+$(VENV)/.lambda-stamp: tools/requirements-lambda.txt | $(VENV)/bin/python
+	$(PY) -m pip install --quiet -r tools/requirements-lambda.txt
+	touch $@
+
+node_modules/.stamp: package.json package-lock.json
+	npm ci --no-audit --no-fund --silent
+	touch $@
+
+clean: ## Remove build output and the installed tools.
+	cargo clean
+	rm -rf $(VENV) node_modules fuzz/target .aws-sam events/generated

@@ -1,0 +1,20 @@
+//! The event parser and the whole batch on arbitrary bytes: never panics, never reports an
+//! empty identifier.
+#![no_main]
+
+use kinesis_deagg::event::KinesisEvent;
+use kinesis_deagg::transform::{Builtin, BuiltinTransform};
+use kinesis_deagg::{Processor, Settings};
+use libfuzzer_sys::fuzz_target;
+
+fuzz_target!(|input: &[u8]| {
+    let Ok(event) = KinesisEvent::from_slice(input) else {
+        return;
+    };
+    let processor = Processor::new(BuiltinTransform::new(Builtin::Json, 0), Settings::default());
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let outcome = rt.block_on(processor.handle(&event, None));
+    for item in outcome.response().batch_item_failures {
+        assert!(item.item_identifier.is_some_and(|id| !id.is_empty()));
+    }
+});
