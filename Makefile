@@ -45,6 +45,11 @@ lint: deps ## fmt, clippy and the template lints, without the tests.
 lint-template:
 	$(VENV)/bin/cfn-lint template.yaml
 	$(VENV)/bin/sam validate --lint --template template.yaml
+	@# The lint must still run the SAM transform (cfn-lint 1.54+ does not): a wrong
+	@# StartingPosition inside the SAM event has to be caught.
+	@sed 's/StartingPosition: !Ref StartingPosition/StartingPosition: NEWEST/' template.yaml > target/bad-template.yaml
+	@if $(VENV)/bin/cfn-lint target/bad-template.yaml > /dev/null; then \
+	  echo "cfn-lint missed a wrong StartingPosition: is it still pinned to 1.53.3?"; exit 1; fi
 
 invoke: build ## Run the handler locally on EVENT (default events/aggregated.json) with TRANSFORM.
 	$(BIN) invoke --transform $(TRANSFORM) $(EVENT)
