@@ -1,0 +1,123 @@
+//! A complete Lambda function with its own transform: order events from a KPL producer.
+//!
+//! Each user record is one JSON order event. The transform parses it into a typed struct,
+//! drops test orders, fails invalid ones (so Lambda retries from that Kinesis record and, after
+//! `MaximumRetryAttempts`, sends its metadata to the on-failure queue), and enriches the rest
+//! with where they came from before "storing" them (here: printing one JSON line).
+//!
+//! Build and deploy it like the main binary, naming it: `cargo lambda build --release --arm64
+//! --example orders`. Try it locally:
+//!
+//! ```sh
+//! cargo run --example orders -- events/mixed.json
+//! ```
+
+use std::time::UNIX_EPOCH;
+
+use kinesis_deagg::event::KinesisEvent;
+use kinesis_deagg::kpl::UserRecord;
+use kinesis_deagg::transform::{Error, RecordContext};
+use kinesis_deagg::{Processor, Settings};
+use serde::{Deserialize, Serialize};
+
+/// One order event, as producers write it.
+#[derive(Debug, Deserialize)]
+struct OrderEvent {
+    order: u64,
+    status: String,
+    #[serde(default)]
+    test: bool,
+}
+
+/// What we store: the event plus where it came from.
+#[derive(Debug, Serialize)]
+struct StoredOrder<'a> {
+    order: u64,
+    status: &'a str,
+    /// Sequence number and sub-sequence number: the same on every retry, so the store can
+    /// ignore a record it has already seen.
+    idempotency_key: String,
+    shard: Option<&'a str>,
+    arrived_ms: Option<u128>,
+}
+
+const STATUSES: [&str; 4] = ["created", "paid", "shipped", "cancelled"];
+
+/// The transform: any async function of `(UserRecord, RecordContext)` will do.
+async fn store_order(record: UserRecord, ctx: RecordContext) -> Result<(), Error> {
+    let event: OrderEvent = serde_json::from_slice(record.data())
+        .map_err(|e| format!("{} is not an order event: {e}", ctx.idempotency_key()))?;
+    if event.test {
+        return Ok(()); // dropped on purpose: acknowledged, not stored
+    }
+    if !STATUSES.contains(&event.status.as_str()) {
+        return Err(format!("order {} has an unknown status {:?}", event.order, event.status).into());
+    }
+    let stored = StoredOrder {
+        order: event.order,
+        status: &event.status,
+        idempotency_key: ctx.idempotency_key(),
+        shard: ctx.shard_id.as_deref(),
+        arrived_ms: ctx
+            .approximate_arrival
+            .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+            .map(|d| d.as_millis()),
+    };
+    println!("{}", serde_json::to_string(&stored)?);
+    Ok(())
+}
+
+#[tokio::main(flavor = "current_thread")]
+async fn main() -> Result<(), Error> {
+    let processor = Processor::new(store_order, Settings::from_env()?);
+    match std::env::args().nth(1) {
+        // Inside Lambda: serve invocations.
+        None => lambda_runtime::run(processor).await,
+        // Outside: handle one event file and print the response.
+        Some(path) => {
+            let event = KinesisEvent::from_slice(&std::fs::read(path)?)?;
+            let outcome = processor.handle(&event, None).await;
+            println!("{}", serde_json::to_string(&outcome.response())?);
+            Ok(())
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn event(records: &[(&str, &str)]) -> KinesisEvent {
+        use base64::Engine;
+        let records: Vec<_> = records
+            .iter()
+            .map(|(seq, data)| {
+                serde_json::json!({"kinesis": {"sequenceNumber": seq, "partitionKey": "k",
+                    "data": base64::engine::general_purpose::STANDARD.encode(data)}})
+            })
+            .collect();
+        serde_json::from_value(serde_json::json!({ "Records": records })).unwrap()
+    }
+
+    #[tokio::test]
+    async fn valid_and_test_orders_pass_and_the_first_invalid_one_is_reported() {
+        let processor = Processor::new(store_order, Settings::default());
+        let e = event(&[
+            ("1", r#"{"order":1,"status":"paid"}"#),
+            ("2", r#"{"order":2,"status":"bogus","test":true}"#),
+            ("3", r#"{"order":3,"status":"lost"}"#),
+            ("4", r#"not json"#),
+        ]);
+        let outcome = processor.handle(&e, None).await;
+        assert_eq!(outcome.failure.unwrap().sequence_number.as_ref(), "3");
+        assert_eq!(outcome.stats.succeeded, 2);
+    }
+
+    #[tokio::test]
+    async fn the_sample_mixed_event_is_all_valid_orders() {
+        let e = KinesisEvent::from_slice(include_bytes!("../events/mixed.json")).unwrap();
+        let outcome = Processor::new(store_order, Settings::default()).handle(&e, None).await;
+        assert!(outcome.failure.is_none());
+        assert_eq!(outcome.stats.succeeded, 7);
+    }
+}
