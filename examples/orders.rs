@@ -51,7 +51,11 @@ async fn store_order(record: UserRecord, ctx: RecordContext) -> Result<(), Error
         return Ok(()); // dropped on purpose: acknowledged, not stored
     }
     if !STATUSES.contains(&event.status.as_str()) {
-        return Err(format!("order {} has an unknown status {:?}", event.order, event.status).into());
+        return Err(format!(
+            "order {} has an unknown status {:?}",
+            event.order, event.status
+        )
+        .into());
     }
     let stored = StoredOrder {
         order: event.order,
@@ -116,7 +120,9 @@ mod tests {
     #[tokio::test]
     async fn the_sample_mixed_event_is_all_valid_orders() {
         let e = KinesisEvent::from_slice(include_bytes!("../events/mixed.json")).unwrap();
-        let outcome = Processor::new(store_order, Settings::default()).handle(&e, None).await;
+        let outcome = Processor::new(store_order, Settings::default())
+            .handle(&e, None)
+            .await;
         assert!(outcome.failure.is_none());
         assert_eq!(outcome.stats.succeeded, 7);
     }

@@ -213,10 +213,16 @@ fn aggregate(args: AggregateArgs) -> Result<ExitCode, Error> {
             out.push((pk.to_owned(), STANDARD.encode(&data)));
             continue;
         }
-        if args.per_aggregate.is_some_and(|max| aggregator.len() >= max) {
+        if args
+            .per_aggregate
+            .is_some_and(|max| aggregator.len() >= max)
+        {
             flush(&mut aggregator, &mut out);
         }
-        if let Some(r) = aggregator.add(pk, ehk, &data).map_err(|e| at(&e.to_string()))? {
+        if let Some(r) = aggregator
+            .add(pk, ehk, &data)
+            .map_err(|e| at(&e.to_string()))?
+        {
             out.push((r.partition_key, STANDARD.encode(&r.data)));
         }
     }

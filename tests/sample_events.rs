@@ -30,7 +30,11 @@ async fn each_sample_event_gives_its_expected_response() {
         let response = processor.handle(&event, None).await.response();
         let expected: serde_json::Value =
             serde_json::from_slice(&read(&format!("events/expected/{name}.json"))).unwrap();
-        assert_eq!(serde_json::to_value(response).unwrap(), expected, "events/{name}.json");
+        assert_eq!(
+            serde_json::to_value(response).unwrap(),
+            expected,
+            "events/{name}.json"
+        );
     }
 }
 
@@ -44,6 +48,9 @@ fn make_events_rebuilds_each_sample_event_byte_for_byte() {
             .output()
             .unwrap();
         assert!(out.status.success());
-        assert!(out.stdout == read(&format!("events/{name}.json")), "events/{name}.json is stale: run `make events`");
+        assert!(
+            out.stdout == read(&format!("events/{name}.json")),
+            "events/{name}.json is stale: run `make events`"
+        );
     }
 }
