@@ -28,10 +28,11 @@ build: ## Build the release binary (native).
 lambda-build: lambda-tools ## Build the Lambda bootstrap for arm64 with cargo-lambda (adds a rustup target on first use).
 	cargo lambda build --release --arm64
 
-test: deps ## Everything CI runs: fmt, clippy, every test (cross-compatibility included), template lints.
+test: deps lambda-tools ## Everything CI runs: fmt, clippy, every test (cross-compatibility and cargo-lambda included), template lints.
 	cargo fmt --check
 	cargo clippy --all-targets -- -D warnings
 	cargo test
+	bash tools/watch-check.sh
 	$(MAKE) --no-print-directory lint-template
 
 pr-check: test ## Same as test.

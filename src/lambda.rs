@@ -85,15 +85,33 @@ impl<T: Transform> Processor<T> {
     }
 }
 
+/// Deadlines below this (September 2001, in ms since the epoch) are not timestamps.
+const EPOCH_MS_FLOOR: u64 = 1_000_000_000_000;
+
 /// The invocation's deadline as an `Instant`; `None` when the context has none.
+///
+/// Lambda sends the deadline as milliseconds since the epoch. Some emulators do not
+/// (cargo-lambda 1.9's `watch` sends the timeout, `600000`): read as a timestamp, that is in
+/// 1970 and the handler would stop before its first record. Such a value is not a deadline.
 fn deadline(context: &lambda_runtime::Context) -> Option<Instant> {
-    if context.deadline == 0 {
+    if context.deadline < EPOCH_MS_FLOOR {
+        if context.deadline != 0 {
+            tracing::warn!(
+                deadline_ms = context.deadline,
+                "the invocation deadline is not a timestamp (an emulator?); running without one"
+            );
+        }
         return None;
     }
     let deadline = SystemTime::UNIX_EPOCH + Duration::from_millis(context.deadline);
     let remaining = deadline
         .duration_since(SystemTime::now())
         .unwrap_or(Duration::ZERO);
+    tracing::debug!(
+        deadline_ms = context.deadline,
+        remaining_ms = remaining.as_millis() as u64,
+        "invocation deadline"
+    );
     Some(Instant::now() + remaining)
 }
 
@@ -113,5 +131,37 @@ impl<T: Transform + 'static> Service<LambdaEvent<KinesisEvent>> for Processor<T>
             let deadline = deadline(&request.context);
             Ok(this.handle(&request.payload, deadline).await.response())
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn context(deadline: u64) -> lambda_runtime::Context {
+        let mut c = lambda_runtime::Context::default();
+        c.deadline = deadline;
+        c
+    }
+
+    #[test]
+    fn a_deadline_in_epoch_milliseconds_becomes_an_instant() {
+        let now_ms = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as u64;
+        let left = deadline(&context(now_ms + 5_000)).unwrap() - Instant::now();
+        assert!(
+            left > Duration::from_millis(4_000) && left <= Duration::from_millis(5_000),
+            "{left:?}"
+        );
+        // Already past: no time left, not a panic.
+        assert!(deadline(&context(now_ms - 5_000)).unwrap() <= Instant::now());
+    }
+
+    #[test]
+    fn a_missing_or_relative_deadline_is_no_deadline() {
+        assert_eq!(deadline(&context(0)), None);
+        assert_eq!(deadline(&context(600_000)), None);
     }
 }

@@ -1,14 +1,13 @@
-#![doc = "kinesis-deagg"]
+#![doc = include_str!("../README.md")]
 #![deny(unsafe_code)]
 #![warn(missing_docs)]
 
 pub mod batch;
 pub mod event;
 pub mod kpl;
+pub mod lambda;
 pub mod settings;
 pub mod transform;
 
-pub use settings::Settings;
-pub mod lambda;
-
 pub use lambda::Processor;
+pub use settings::Settings;

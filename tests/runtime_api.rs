@@ -26,7 +26,7 @@ enum Reply {
 /// `init/error` are reported on a channel.
 struct RuntimeApi {
     port: u16,
-    queue: Arc<Mutex<VecDeque<(String, String)>>>,
+    queue: Arc<Mutex<VecDeque<(String, String, u128)>>>,
     replies: Receiver<Reply>,
 }
 
@@ -34,7 +34,7 @@ impl RuntimeApi {
     fn start() -> Self {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let port = listener.local_addr().unwrap().port();
-        let queue: Arc<Mutex<VecDeque<(String, String)>>> = Default::default();
+        let queue: Arc<Mutex<VecDeque<(String, String, u128)>>> = Default::default();
         let (tx, replies) = channel();
         let q = queue.clone();
         std::thread::spawn(move || {
@@ -50,8 +50,21 @@ impl RuntimeApi {
         }
     }
 
+    /// Queues an event whose invocation has 30 s to run.
     fn push(&self, id: &str, event: String) {
-        self.queue.lock().unwrap().push_back((id.to_owned(), event));
+        self.push_with_time(id, event, 30_000);
+    }
+
+    fn push_with_time(&self, id: &str, event: String, remaining_ms: u128) {
+        let deadline = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap()
+            .as_millis()
+            + remaining_ms;
+        self.queue
+            .lock()
+            .unwrap()
+            .push_back((id.to_owned(), event, deadline));
     }
 
     fn reply(&self) -> Reply {
@@ -62,7 +75,7 @@ impl RuntimeApi {
 }
 
 /// Serves one keep-alive connection.
-fn serve(conn: TcpStream, queue: Arc<Mutex<VecDeque<(String, String)>>>, tx: Sender<Reply>) {
+fn serve(conn: TcpStream, queue: Arc<Mutex<VecDeque<(String, String, u128)>>>, tx: Sender<Reply>) {
     let mut reader = BufReader::new(conn.try_clone().unwrap());
     let mut conn = conn;
     loop {
@@ -93,17 +106,12 @@ fn serve(conn: TcpStream, queue: Arc<Mutex<VecDeque<(String, String)>>>, tx: Sen
             .collect();
         let (status, headers, reply_body) = match parts.as_slice() {
             ["invocation", "next"] => {
-                let (id, event) = loop {
+                let (id, event, deadline) = loop {
                     if let Some(next) = queue.lock().unwrap().pop_front() {
                         break next;
                     }
                     std::thread::sleep(Duration::from_millis(5));
                 };
-                let deadline = SystemTime::now()
-                    .duration_since(UNIX_EPOCH)
-                    .unwrap()
-                    .as_millis()
-                    + 30_000;
                 let headers = format!(
                     "Lambda-Runtime-Aws-Request-Id: {id}\r\nLambda-Runtime-Deadline-Ms: {deadline}\r\n\
                      Lambda-Runtime-Invoked-Function-Arn: arn:aws:lambda:us-east-1:123456789012:function:deagg\r\n\
@@ -253,4 +261,25 @@ fn a_bad_setting_stops_the_function_before_its_first_invocation() {
     let mut function = start_function(&api, &[("DEAGG_ON_CORRUPT", "sometimes")]);
     let status = function.0.wait().unwrap();
     assert!(!status.success());
+}
+
+#[test]
+fn the_deadline_from_the_runtime_api_is_honoured() {
+    let api = RuntimeApi::start();
+    let _function = start_function(
+        &api,
+        &[
+            ("DEAGG_TRANSFORM", "discard"),
+            ("DEAGG_DEADLINE_MARGIN_MS", "1000"),
+        ],
+    );
+    let event = event_json(vec![plain("1", "k", b"x"), plain("2", "k", b"y")]).to_string();
+    // 300 ms left is inside the 1 s margin: nothing is processed, the first record is reported.
+    api.push_with_time("short", event.clone(), 300);
+    assert_eq!(
+        api.reply(),
+        Reply::Response("short".into(), failures(&["1"]))
+    );
+    api.push("long", event);
+    assert_eq!(api.reply(), Reply::Response("long".into(), failures(&[])));
 }
