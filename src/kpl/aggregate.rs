@@ -190,7 +190,7 @@ impl Aggregator {
         let hash_key = effective_hash_key(partition_key, explicit_hash_key).ok_or_else(|| {
             AggregateError::InvalidExplicitHashKey(explicit_hash_key.unwrap_or_default().into())
         })?;
-        let alone = record_size(self.growth(partition_key, explicit_hash_key, data.len(), true));
+        let alone = record_size(Self::new().growth(partition_key, explicit_hash_key, data.len()));
         if alone > self.limit {
             return Err(AggregateError::TooLarge {
                 partition_key: partition_key.into(),
@@ -198,8 +198,7 @@ impl Aggregator {
                 limit: self.limit,
             });
         }
-        let grown =
-            self.encoded_len + self.growth(partition_key, explicit_hash_key, data.len(), false);
+        let grown = self.encoded_len + self.growth(partition_key, explicit_hash_key, data.len());
         let finished = if record_size(grown) > self.limit {
             self.finish()
         } else {
@@ -209,23 +208,15 @@ impl Aggregator {
         Ok(finished)
     }
 
-    /// Bytes the protobuf grows by when this record is added (to an empty aggregate when
-    /// `empty`, else to the current one).
-    fn growth(&self, pk: &str, ehk: Option<&str>, data_len: usize, empty: bool) -> usize {
-        let new_key =
-            |table: &HashMap<Bytes, u64>, key: &str| empty || !table.contains_key(key.as_bytes());
-        let index_len = |table: &HashMap<Bytes, u64>, key: &str| match table.get(key.as_bytes()) {
-            Some(&i) if !empty => encoded_len_varint(i),
-            _ => encoded_len_varint(if empty { 0 } else { table.len() as u64 }),
-        };
-        let mut record = 1 + index_len(&self.partition_keys, pk) + delimited_len(data_len);
-        let mut tables = 0;
-        if new_key(&self.partition_keys, pk) {
-            tables += delimited_len(pk.len());
-        }
+    /// Bytes the protobuf grows by when this record is added to the current aggregate.
+    fn growth(&self, pk: &str, ehk: Option<&str>, data_len: usize) -> usize {
+        let (pk_index, new_pk) = key_index(&self.partition_keys, pk);
+        let mut record = 1 + encoded_len_varint(pk_index) + delimited_len(data_len);
+        let mut tables = if new_pk { delimited_len(pk.len()) } else { 0 };
         if let Some(ehk) = ehk {
-            record += 1 + index_len(&self.explicit_hash_keys, ehk);
-            if new_key(&self.explicit_hash_keys, ehk) {
+            let (ehk_index, new_ehk) = key_index(&self.explicit_hash_keys, ehk);
+            record += 1 + encoded_len_varint(ehk_index);
+            if new_ehk {
                 tables += delimited_len(ehk.len());
             }
         }
@@ -233,7 +224,7 @@ impl Aggregator {
     }
 
     fn push(&mut self, pk: &str, ehk: Option<&str>, data: &[u8], hash_key: u128) {
-        self.encoded_len += self.growth(pk, ehk, data.len(), false);
+        self.encoded_len += self.growth(pk, ehk, data.len());
         self.first_hash_key.get_or_insert(hash_key);
         let pk_index = intern(
             &mut self.partition_keys,
@@ -282,6 +273,14 @@ impl Aggregator {
             data: data.freeze(),
             user_records: message.records.len(),
         })
+    }
+}
+
+/// The index `key` has in a key table, or would get, and whether it is new.
+fn key_index(lookup: &HashMap<Bytes, u64>, key: &str) -> (u64, bool) {
+    match lookup.get(key.as_bytes()) {
+        Some(&i) => (i, false),
+        None => (lookup.len() as u64, true),
     }
 }
 
