@@ -152,8 +152,15 @@ impl Drop for Function {
     }
 }
 
+/// The binary under test: `KINESIS_DEAGG_BIN` when set (`make test` points it at the release
+/// build, as Lambda runs it), else the one cargo built for the tests.
+fn binary() -> String {
+    std::env::var("KINESIS_DEAGG_BIN")
+        .unwrap_or_else(|_| env!("CARGO_BIN_EXE_kinesis-deagg").into())
+}
+
 fn start_function(api: &RuntimeApi, env: &[(&str, &str)]) -> Function {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_kinesis-deagg"));
+    let mut cmd = Command::new(binary());
     cmd.env("AWS_LAMBDA_RUNTIME_API", format!("127.0.0.1:{}", api.port))
         .env("AWS_LAMBDA_FUNCTION_NAME", "deagg")
         .env("AWS_LAMBDA_FUNCTION_MEMORY_SIZE", "512")
