@@ -8,16 +8,17 @@
 //! Processing anything after it only creates duplicates, so both modes stop there.
 
 use std::cell::Cell;
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Instant, SystemTime};
 
 use aws_lambda_events::event::streams::KinesisEventResponse;
 use futures::{FutureExt, StreamExt};
 
 use crate::event::EventRecord;
 use crate::kpl::{DeaggError, Deaggregated, UserRecord, deaggregate_with};
+use crate::metrics::Metrics;
 use crate::settings::Settings;
 use crate::transform::{RecordContext, Transform};
 
@@ -195,6 +196,8 @@ pub struct BatchStats {
     pub empty_aggregates: u64,
     /// User records with a key that was not valid UTF-8.
     pub lossy_keys: u64,
+    /// The oldest `approximateArrivalTimestamp` of the batch.
+    pub oldest_arrival: Option<SystemTime>,
 }
 
 /// Why a batch stopped before its end.
@@ -225,6 +228,8 @@ pub enum StopReason {
 pub struct Failure {
     /// Its sequence number.
     pub sequence_number: Arc<str>,
+    /// Its position in the batch (0-based).
+    pub index: usize,
     /// Why processing stopped there.
     pub reason: StopReason,
 }
@@ -236,9 +241,18 @@ pub struct BatchOutcome {
     pub failure: Option<Failure>,
     /// What the batch held.
     pub stats: BatchStats,
+    /// The counters transforms added through [`RecordContext::metrics`].
+    pub metrics: BTreeMap<String, f64>,
 }
 
 impl BatchOutcome {
+    /// Kinesis records Lambda will deliver again: the reported one and every one after it.
+    pub fn retried_records(&self) -> u64 {
+        self.failure
+            .as_ref()
+            .map_or(0, |f| self.stats.kinesis_records - f.index as u64)
+    }
+
     /// The partial batch response: `{"batchItemFailures":[]}` on success, else exactly one
     /// item naming the first record not fully processed. Never an empty identifier.
     pub fn response(&self) -> KinesisEventResponse {
@@ -311,8 +325,12 @@ pub async fn process<T: Transform>(
         index: Cell::new(records.len()),
         reason: Cell::new(None),
     };
+    let metrics = Metrics::default();
     let mut items = Vec::new();
     for (index, record) in records.iter().enumerate() {
+        if let Some(t) = record.approximate_arrival {
+            stats.oldest_arrival = Some(stats.oldest_arrival.map_or(t, |o| o.min(t)));
+        }
         let unpacked = unpack(record, settings);
         stats.bytes += unpacked.decoded_len as u64;
         let passed_through: Option<Arc<str>> = match &unpacked.outcome {
@@ -354,6 +372,7 @@ pub async fn process<T: Transform>(
                 approximate_arrival: record.approximate_arrival,
                 aggregated,
                 passed_through: passed_through.clone(),
+                metrics: metrics.clone(),
             };
             items.push(Item {
                 index,
@@ -395,8 +414,10 @@ pub async fn process<T: Transform>(
     }
     stats.succeeded = succeeded.get();
     stats.failed = failed.get();
-    let failure = records.get(floor.index.get()).map(|r| Failure {
+    let index = floor.index.get();
+    let failure = records.get(index).map(|r| Failure {
         sequence_number: r.sequence_number.clone(),
+        index,
         reason: floor
             .reason
             .take()
@@ -410,7 +431,11 @@ pub async fn process<T: Transform>(
             f.sequence_number
         );
     }
-    BatchOutcome { failure, stats }
+    BatchOutcome {
+        failure,
+        stats,
+        metrics: metrics.snapshot(),
+    }
 }
 
 /// Splits items into one lane per partition key, each in batch order.

@@ -10,9 +10,15 @@ use std::time::{Duration, Instant, SystemTime};
 use aws_lambda_events::event::streams::KinesisEventResponse;
 use lambda_runtime::{LambdaEvent, Service};
 
+use std::io::Write;
+
+use tracing::Instrument;
+
 use crate::batch::{self, BatchOutcome};
 use crate::event::KinesisEvent;
+use crate::metrics::{self, Dimensions};
 use crate::settings::Settings;
+use crate::settings::Switch;
 use crate::transform::Transform;
 
 /// A transform and the settings it runs with: the handler of a Kinesis Lambda function.
@@ -38,7 +44,14 @@ use crate::transform::Transform;
 /// }
 /// ```
 pub struct Processor<T> {
-    inner: Arc<(T, Settings)>,
+    inner: Arc<Inner<T>>,
+}
+
+struct Inner<T> {
+    transform: T,
+    settings: Settings,
+    /// The metrics' `FunctionName` dimension.
+    function_name: String,
 }
 
 impl<T> Clone for Processor<T> {
@@ -50,19 +63,27 @@ impl<T> Clone for Processor<T> {
 }
 
 impl<T: Transform> Processor<T> {
-    /// A processor running `transform` with `settings`.
+    /// A processor running `transform` with `settings`. Its metrics name the function
+    /// `AWS_LAMBDA_FUNCTION_NAME` (`kinesis-deagg` outside Lambda).
     pub fn new(transform: T, settings: Settings) -> Self {
+        let function_name =
+            std::env::var("AWS_LAMBDA_FUNCTION_NAME").unwrap_or_else(|_| "kinesis-deagg".into());
         Processor {
-            inner: Arc::new((transform, settings)),
+            inner: Arc::new(Inner {
+                transform,
+                settings,
+                function_name,
+            }),
         }
     }
 
     /// The settings in use.
     pub fn settings(&self) -> &Settings {
-        &self.inner.1
+        &self.inner.settings
     }
 
-    /// Processes one event: what the Lambda handler does, without the Runtime API.
+    /// Processes one event: what the Lambda handler does, without the Runtime API. Unless
+    /// `DEAGG_METRICS=off`, it prints the invocation's metrics document (EMF) on stdout.
     ///
     /// # Examples
     ///
@@ -80,8 +101,50 @@ impl<T: Transform> Processor<T> {
     /// assert_eq!(outcome.stats.succeeded, 1);
     /// ```
     pub async fn handle(&self, event: &KinesisEvent, deadline: Option<Instant>) -> BatchOutcome {
-        let (transform, settings) = &*self.inner;
-        batch::process(&event.records, transform, settings, deadline).await
+        let Inner {
+            transform,
+            settings,
+            function_name,
+        } = &*self.inner;
+        let (invoked_at, started) = (SystemTime::now(), Instant::now());
+        let dims = dimensions(function_name, event);
+        let span =
+            tracing::info_span!("batch", shard_id = %dims.shard_id, stream = %dims.stream_name);
+        let outcome = batch::process(&event.records, transform, settings, deadline)
+            .instrument(span)
+            .await;
+        if settings.metrics == Switch::On {
+            let doc = metrics::document(
+                &settings.metrics_namespace,
+                &dims,
+                &outcome,
+                invoked_at,
+                started.elapsed(),
+            );
+            // Lambda reads EMF documents from stdout. A closed stdout loses the metrics, not
+            // the batch.
+            if let Err(e) = writeln!(std::io::stdout().lock(), "{doc}") {
+                tracing::warn!("could not write the metrics document: {e}");
+            }
+        }
+        outcome
+    }
+}
+
+/// The metrics' dimensions for an event: one invocation holds records of one shard.
+fn dimensions(function_name: &str, event: &KinesisEvent) -> Dimensions {
+    let first = event.records.first();
+    let stream_name = first
+        .and_then(|r| r.event_source_arn.as_deref())
+        .and_then(|arn| arn.split_once(":stream/"))
+        .map_or("unknown", |(_, name)| name);
+    let shard_id = first
+        .and_then(|r| r.shard_id.as_deref())
+        .unwrap_or("unknown");
+    Dimensions {
+        function_name: function_name.into(),
+        stream_name: stream_name.into(),
+        shard_id: shard_id.into(),
     }
 }
 

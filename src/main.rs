@@ -295,7 +295,11 @@ fn init_logging() {
         .with_writer(std::io::stderr)
         .with_target(false);
     if std::env::var("AWS_LAMBDA_LOG_FORMAT").is_ok_and(|f| f.eq_ignore_ascii_case("json")) {
-        builder.json().with_current_span(false).init();
+        builder
+            .json()
+            .with_current_span(true)
+            .with_span_list(true)
+            .init();
     } else {
         builder.with_ansi(std::io::stderr().is_terminal()).init();
     }

@@ -46,6 +46,23 @@ pub struct Settings {
     /// that write nothing but KPL aggregates.
     #[arg(long, env = "DEAGG_VERIFY_CHECKSUM", default_value_t = true, action = ArgAction::Set)]
     pub verify_checksum: bool,
+
+    /// Print one CloudWatch Embedded Metric Format document per invocation on stdout.
+    #[arg(long, env = "DEAGG_METRICS", value_enum, default_value = "on")]
+    pub metrics: Switch,
+
+    /// CloudWatch namespace of the metrics.
+    #[arg(long, env = "DEAGG_METRICS_NAMESPACE", default_value = "KinesisDeagg")]
+    pub metrics_namespace: String,
+}
+
+/// An on/off setting.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Switch {
+    /// Enabled.
+    On,
+    /// Disabled.
+    Off,
 }
 
 #[derive(Parser)]
@@ -88,6 +105,8 @@ impl Default for Settings {
             deadline_margin_ms: 1000,
             log_max_bytes: 256,
             verify_checksum: true,
+            metrics: Switch::On,
+            metrics_namespace: "KinesisDeagg".into(),
         }
     }
 }

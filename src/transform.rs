@@ -10,13 +10,14 @@ use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
 
 use crate::kpl::UserRecord;
+use crate::metrics::Metrics;
 
 /// The error a transform returns: anything that is an error (the same type as
 /// `lambda_runtime::Error`).
 pub type Error = Box<dyn std::error::Error + Send + Sync>;
 
 /// What a transform knows about the user record it is given, besides the record itself.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug)]
 #[non_exhaustive]
 pub struct RecordContext {
     /// Sequence number of the Kinesis record holding the user record: what Lambda is told
@@ -36,6 +37,9 @@ pub struct RecordContext {
     /// aggregate or invalid base64 under `DEAGG_ON_CORRUPT=passthrough`, or a checksum
     /// mismatch): the reason, as logged.
     pub passed_through: Option<Arc<str>>,
+    /// Counters for the invocation's metrics document, shared by all user records of the
+    /// batch: `ctx.metrics.add("OrdersStored", 1.0)`.
+    pub metrics: Metrics,
 }
 
 impl RecordContext {
@@ -59,6 +63,7 @@ impl RecordContext {
             approximate_arrival: None,
             aggregated: false,
             passed_through: None,
+            metrics: Metrics::default(),
         }
     }
 

@@ -130,7 +130,13 @@ fn invoke_prints_the_response_as_the_last_line_and_exits_0_on_failures() {
     );
     assert!(out.status.success());
     let lines = stdout_lines(&out);
-    assert_eq!(lines.len(), 3, "two echo lines and the response");
+    assert_eq!(
+        lines.len(),
+        4,
+        "two echo lines, the metrics document and the response"
+    );
+    assert_eq!(lines[1]["sequenceNumber"], "2");
+    assert!(lines[2].get("_aws").is_some());
     let out = run(&["invoke", "--transform", "json"], &event);
     let lines = stdout_lines(&out);
     assert_eq!(
@@ -156,8 +162,8 @@ fn invoke_honours_the_settings_from_the_environment_too() {
         })
         .unwrap();
     assert_eq!(
-        String::from_utf8_lossy(&out.stdout).trim(),
-        r#"{"batchItemFailures":[]}"#
+        String::from_utf8_lossy(&out.stdout).lines().last(),
+        Some(r#"{"batchItemFailures":[]}"#)
     );
 }
 

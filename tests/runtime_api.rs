@@ -160,6 +160,10 @@ fn binary() -> String {
 }
 
 fn start_function(api: &RuntimeApi, env: &[(&str, &str)]) -> Function {
+    start_function_logging_to(api, env, Stdio::null())
+}
+
+fn start_function_logging_to(api: &RuntimeApi, env: &[(&str, &str)], stderr: Stdio) -> Function {
     let mut cmd = Command::new(binary());
     cmd.env("AWS_LAMBDA_RUNTIME_API", format!("127.0.0.1:{}", api.port))
         .env("AWS_LAMBDA_FUNCTION_NAME", "deagg")
@@ -167,7 +171,7 @@ fn start_function(api: &RuntimeApi, env: &[(&str, &str)]) -> Function {
         .env("AWS_LAMBDA_FUNCTION_VERSION", "$LATEST")
         .env_remove("RUST_LOG")
         .stdout(Stdio::null())
-        .stderr(Stdio::null());
+        .stderr(stderr);
     for (k, v) in env {
         cmd.env(k, v);
     }
@@ -289,4 +293,45 @@ fn the_deadline_from_the_runtime_api_is_honoured() {
     );
     api.push("long", event);
     assert_eq!(api.reply(), Reply::Response("long".into(), failures(&[])));
+}
+
+#[test]
+fn json_logs_in_lambda_carry_the_request_id_and_the_record() {
+    let api = RuntimeApi::start();
+    let log = std::env::temp_dir().join(format!(
+        "kinesis-deagg-runtime-api-{}.log",
+        std::process::id()
+    ));
+    let file = std::fs::File::create(&log).unwrap();
+    let function = start_function_logging_to(
+        &api,
+        &[
+            ("DEAGG_TRANSFORM", "json"),
+            ("AWS_LAMBDA_LOG_FORMAT", "JSON"),
+            ("AWS_LAMBDA_LOG_LEVEL", "INFO"),
+        ],
+        file.into(),
+    );
+    api.push(
+        "req-42",
+        event_json(vec![plain("9", "k", b"not json")]).to_string(),
+    );
+    assert_eq!(
+        api.reply(),
+        Reply::Response("req-42".into(), failures(&["9"]))
+    );
+    drop(function);
+    let text = std::fs::read_to_string(&log).unwrap();
+    let _ = std::fs::remove_file(&log);
+    let error: Value = text
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .find(|l| l["level"] == "ERROR")
+        .unwrap_or_else(|| panic!("no JSON error line in:\n{text}"));
+    assert_eq!(error["fields"]["sequence_number"], "9");
+    assert!(
+        error["spans"].to_string().contains("req-42"),
+        "no request id in {error}"
+    );
+    assert_eq!(error["span"]["shard_id"], "shardId-000000000001");
 }
