@@ -47,6 +47,7 @@ lint: deps ## fmt, clippy and the template lints, without the tests.
 lint-template:
 	$(VENV)/bin/cfn-lint template.yaml
 	$(VENV)/bin/sam validate --lint --template template.yaml
+	$(PY) tools/check_dashboard.py template.yaml
 	@# The lint must still run the SAM transform (cfn-lint 1.54+ does not): a wrong
 	@# StartingPosition inside the SAM event has to be caught.
 	@sed 's/StartingPosition: !Ref StartingPosition/StartingPosition: NEWEST/' template.yaml > target/bad-template.yaml

@@ -249,6 +249,8 @@ fn flags_name_their_environment_variables_in_help() {
         "DEAGG_DEADLINE_MARGIN_MS",
         "DEAGG_LOG_MAX_BYTES",
         "DEAGG_VERIFY_CHECKSUM",
+        "DEAGG_METRICS",
+        "DEAGG_METRICS_NAMESPACE",
     ] {
         assert!(help.contains(var), "{var} missing from help");
     }
