@@ -12,6 +12,7 @@ use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use kinesis_deagg::event::KinesisEvent;
 use kinesis_deagg::kpl::{Aggregator, deaggregate, deaggregate_with};
 use kinesis_deagg::transform::{Builtin, BuiltinTransform};
+use kinesis_deagg::settings::Switch;
 use kinesis_deagg::{Processor, Settings};
 use md5::{Digest, Md5};
 

@@ -288,7 +288,9 @@ fn init_logging() {
     let level = std::env::var("AWS_LAMBDA_LOG_LEVEL")
         .or_else(|_| std::env::var("RUST_LOG"))
         .unwrap_or_else(|_| "info".into())
-        .to_lowercase();
+        .to_lowercase()
+        // Lambda's levels include FATAL, which tracing calls error.
+        .replace("fatal", "error");
     let filter = EnvFilter::try_new(&level).unwrap_or_else(|_| EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
