@@ -11,8 +11,8 @@ use bytes::Bytes;
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use kinesis_deagg::event::KinesisEvent;
 use kinesis_deagg::kpl::{Aggregator, deaggregate, deaggregate_with};
-use kinesis_deagg::transform::{Builtin, BuiltinTransform};
 use kinesis_deagg::settings::Switch;
+use kinesis_deagg::transform::{Builtin, BuiltinTransform};
 use kinesis_deagg::{Processor, Settings};
 use md5::{Digest, Md5};
 
@@ -62,10 +62,12 @@ fn handler(c: &mut Criterion) {
         })
         .collect();
     let json = serde_json::to_vec(&serde_json::json!({ "Records": records })).unwrap();
-    let processor = Processor::new(
-        BuiltinTransform::new(Builtin::Discard, 0),
-        Settings::default(),
-    );
+    // Metrics off: the EMF line would be printed once per iteration.
+    let settings = Settings {
+        metrics: Switch::Off,
+        ..Settings::default()
+    };
+    let processor = Processor::new(BuiltinTransform::new(Builtin::Discard, 0), settings);
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
