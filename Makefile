@@ -17,7 +17,7 @@ export AWS_DEFAULT_REGION ?= us-east-1
 export SAM_CLI_TELEMETRY := 0
 
 .PHONY: help build lambda-build test lint invoke watch invoke-watch watch-check deploy \
-        events events-max bench fuzz clean deps lambda-tools pr-check
+        events events-max bench fuzz clean deps lambda-tools pr-check e2e
 
 help: ## List the targets.
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
@@ -34,6 +34,7 @@ test: deps lambda-tools ## Everything CI runs: fmt, clippy, every test (cross-co
 	cargo build --release
 	KINESIS_DEAGG_BIN=$(CURDIR)/$(BIN) cargo test
 	bash tools/watch-check.sh
+	$(MAKE) --no-print-directory e2e
 	$(MAKE) --no-print-directory lint-template
 
 pr-check: test ## Same as test.
@@ -69,6 +70,10 @@ watch-check: lambda-tools ## Start cargo lambda watch, invoke every sample event
 deploy: lambda-tools deps ## sam build (with cargo-lambda), then sam deploy --guided.
 	$(VENV)/bin/sam build --beta-features
 	$(VENV)/bin/sam deploy --guided
+
+e2e: deps ## End to end: kinesalite, a model of Lambda's event source mapping, faults, kills.
+	cargo build --release --quiet --bin kinesis-deagg --example e2e_faults
+	$(PY) tests/e2e/e2e.py
 
 events: ## Rebuild the sample events in events/ from events/src/ (deterministic).
 	cargo build --release --quiet

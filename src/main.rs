@@ -12,7 +12,7 @@ use base64::engine::general_purpose::STANDARD;
 use clap::{Args, Parser, Subcommand};
 use kinesis_deagg::batch::{OnCorrupt, RecordOutcome, unpack};
 use kinesis_deagg::event::KinesisEvent;
-use kinesis_deagg::kpl::Aggregator;
+use kinesis_deagg::kpl::{AggregatedRecord, Aggregator};
 use kinesis_deagg::transform::{BuiltinTransform, decode_line};
 use kinesis_deagg::{Processor, Settings};
 use serde_json::{Value, json};
@@ -90,6 +90,10 @@ struct AggregateArgs {
         default_value = "arn:aws:kinesis:us-east-1:123456789012:stream/kinesis-deagg-sample"
     )]
     stream_arn: String,
+    /// Print a PutRecords request (`{"Records":[{"Data","PartitionKey","ExplicitHashKey"}]}`,
+    /// for `aws kinesis put-records --cli-input-json`) instead of a Lambda event.
+    #[arg(long)]
+    put_records: bool,
     /// Arrival time of the first record, in seconds since the epoch (later ones add 1 ms).
     #[arg(long, default_value_t = 1_764_000_000.0)]
     arrival: f64,
@@ -178,13 +182,17 @@ fn decode(event: KinesisEvent, decode: DecodeSettings) -> Result<ExitCode, Error
 fn aggregate(args: AggregateArgs) -> Result<ExitCode, Error> {
     let input = read_input(args.file.as_ref())?;
     let mut aggregator = Aggregator::with_max_size(args.max_size)?;
-    // Kinesis records: (outer partition key, `data` text). Lambda events carry no explicit
-    // hash key, so the outer one only decides the shard, which an event already names.
-    let mut out: Vec<(String, String)> = Vec::new();
+    // Kinesis records: (outer partition key, outer explicit hash key, `data` text).
+    let mut out: Vec<(String, Option<String>, String)> = Vec::new();
+    let finished = |r: AggregatedRecord| {
+        (
+            r.partition_key,
+            Some(r.explicit_hash_key),
+            STANDARD.encode(&r.data),
+        )
+    };
     let flush = |aggregator: &mut Aggregator, out: &mut Vec<_>| {
-        if let Some(r) = aggregator.finish() {
-            out.push((r.partition_key, STANDARD.encode(&r.data)));
-        }
+        out.extend(aggregator.finish().map(finished));
     };
     for (n, line) in String::from_utf8(input)?.lines().enumerate() {
         if line.trim().is_empty() {
@@ -197,7 +205,7 @@ fn aggregate(args: AggregateArgs) -> Result<ExitCode, Error> {
             .ok_or_else(|| at("no string `partitionKey`"))?;
         if let Some(raw) = v["rawData"].as_str() {
             flush(&mut aggregator, &mut out);
-            out.push((pk.to_owned(), raw.to_owned()));
+            out.push((pk.to_owned(), None, raw.to_owned()));
             continue;
         }
         let ehk = v["explicitHashKey"].as_str();
@@ -210,7 +218,11 @@ fn aggregate(args: AggregateArgs) -> Result<ExitCode, Error> {
         };
         if args.plain || v["plain"].as_bool() == Some(true) {
             flush(&mut aggregator, &mut out);
-            out.push((pk.to_owned(), STANDARD.encode(&data)));
+            out.push((
+                pk.to_owned(),
+                ehk.map(str::to_owned),
+                STANDARD.encode(&data),
+            ));
             continue;
         }
         if args
@@ -219,20 +231,34 @@ fn aggregate(args: AggregateArgs) -> Result<ExitCode, Error> {
         {
             flush(&mut aggregator, &mut out);
         }
-        if let Some(r) = aggregator
+        let full = aggregator
             .add(pk, ehk, &data)
-            .map_err(|e| at(&e.to_string()))?
-        {
-            out.push((r.partition_key, STANDARD.encode(&r.data)));
-        }
+            .map_err(|e| at(&e.to_string()))?;
+        out.extend(full.map(finished));
     }
     flush(&mut aggregator, &mut out);
 
+    let mut stdout = std::io::stdout().lock();
+    if args.put_records {
+        let entries: Vec<Value> = out
+            .into_iter()
+            .map(|(pk, ehk, data)| {
+                let mut e = json!({"Data": data, "PartitionKey": pk});
+                if let Some(ehk) = ehk {
+                    e["ExplicitHashKey"] = ehk.into();
+                }
+                e
+            })
+            .collect();
+        serde_json::to_writer(&mut stdout, &json!({ "Records": entries }))?;
+        writeln!(stdout)?;
+        return Ok(ExitCode::SUCCESS);
+    }
     let region = args.stream_arn.split(':').nth(3).unwrap_or("us-east-1");
     let records: Vec<Value> = out
         .into_iter()
         .enumerate()
-        .map(|(i, (pk, data))| {
+        .map(|(i, (pk, _ehk, data))| {
             let seq = format!("49590000000000000000000000000000000000000000000000{:06}", i + 1);
             json!({
                 "kinesis": {
@@ -252,7 +278,6 @@ fn aggregate(args: AggregateArgs) -> Result<ExitCode, Error> {
             })
         })
         .collect();
-    let mut stdout = std::io::stdout().lock();
     serde_json::to_writer_pretty(&mut stdout, &json!({ "Records": records }))?;
     writeln!(stdout)?;
     Ok(ExitCode::SUCCESS)
