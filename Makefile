@@ -17,7 +17,7 @@ export AWS_DEFAULT_REGION ?= us-east-1
 export SAM_CLI_TELEMETRY := 0
 
 .PHONY: help build lambda-build test lint invoke watch invoke-watch watch-check deploy \
-        events events-max bench fuzz clean deps lambda-tools pr-check e2e
+        events events-max bench bench-kpl fuzz clean deps lambda-tools pr-check e2e
 
 help: ## List the targets.
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
@@ -90,8 +90,11 @@ events-max: ## Generate events/generated/max.json: a 6 MB event (just under 6 Mi
 	python3 tools/user_records.py --bytes 4250000 --size 200 | $(BIN) aggregate > events/generated/max.json
 	@ls -l events/generated/max.json
 
-bench: ## Run the benchmarks (they print numbers; nothing is asserted).
-	cargo bench
+bench: deps ## The handler vs the official Python and Node deaggregators and the MD5+base64 bound, one core, one run.
+	$(PY) tools/bench/compare.py
+
+bench-kpl: ## Criterion benchmarks of deaggregation and the handler (benches/deaggregate.rs).
+	cargo bench --bench deaggregate
 
 fuzz: ## Fuzz the deaggregator and the event parser, FUZZ_SECONDS each (cargo +nightly fuzz).
 	cd fuzz && cargo +nightly fuzz run -O deaggregate seeds/deaggregate -- -max_total_time=$(FUZZ_SECONDS)

@@ -1,0 +1,146 @@
+"""`make bench`: the handler against the official deaggregators and the machine's bound, side
+by side in one run, on one core. Timings are printed, never asserted.
+
+Workloads (generated deterministically into target/bench/):
+  W1     5 x 1 MiB aggregates of ~200 B JSON user records (our aggregator)
+  W1-py  the same user records aggregated by the official Python aggregator
+  W2     5 x 1 MiB aggregates of ~40 B user records
+  W3     3,166 plain ~1 KB records
+  W5     88 x 50 KB aggregates (the KPL's default aggregate size)
+
+Columns: median ms per event for ours (in-process: KinesisEvent::from_slice + Processor::handle
+with the discard transform), the official Python and Node modules doing the same work, and the
+bound (MD5 of the aggregates at `openssl speed -evp md5` speed + base64 decoding at the speed of
+the fastest decoder found here); then our user records/s and MB/s, and the ratios.
+"""
+import base64
+import binascii
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+OUT = os.path.join(ROOT, "target", "bench")
+VENV_PY = os.path.join(ROOT, ".venv", "bin", "python")
+DEAGG = os.path.join(ROOT, "target", "release", "kinesis-deagg")
+ONE_CORE = ["taskset", "-c", "0"] if shutil.which("taskset") else []
+
+
+def sh(cmd, **kw):
+    return subprocess.run(cmd, check=True, capture_output=True, text=True, **kw).stdout
+
+
+def user_lines(size, total):
+    return sh([sys.executable, os.path.join(ROOT, "tools", "user_records.py"), "--bytes", str(total), "--size", str(size)])
+
+
+def keep(event_json, n):
+    event = json.loads(event_json)
+    event["Records"] = event["Records"][:n]
+    assert len(event["Records"]) == n, "not enough records generated"
+    return json.dumps(event)
+
+
+def python_aggregated(lines, n):
+    """The same user records aggregated by the official Python aggregator, as a Lambda event."""
+    code = (
+        "import json,sys,base64\n"
+        "from aws_kinesis_agg.aggregator import RecordAggregator\n"
+        "agg=RecordAggregator(); out=[]\n"
+        "for l in sys.stdin:\n"
+        "  u=json.loads(l); r=agg.add_user_record(u['partitionKey'], u['text'].encode())\n"
+        "  if r is not None: out.append(r.get_contents())\n"
+        f"  if len(out)>={n}: break\n"
+        "print(json.dumps([[pk, base64.b64encode(d).decode()] for pk,ehk,d in out]))\n"
+    )
+    records = json.loads(sh([VENV_PY, "-c", code], input=lines))[:n]
+    return json.dumps({"Records": [{
+        "kinesis": {"kinesisSchemaVersion": "1.0", "partitionKey": pk, "sequenceNumber": f"4959{i:052d}",
+                    "data": data, "approximateArrivalTimestamp": 1764000000.0 + i / 1000},
+        "eventSource": "aws:kinesis", "eventVersion": "1.0", "eventID": f"shardId-000000000000:4959{i:052d}",
+        "eventName": "aws:kinesis:record", "eventSourceARN": "arn:aws:kinesis:us-east-1:123456789012:stream/bench",
+    } for i, (pk, data) in enumerate(records)]})
+
+
+def generate():
+    os.makedirs(OUT, exist_ok=True)
+    w1 = user_lines(200, 5_600_000)
+    w2 = user_lines(40, 5_600_000)
+    w3 = user_lines(1000, 3_300_000)
+    w5 = user_lines(200, 4_700_000)
+    files = {
+        "W1": keep(sh([DEAGG, "aggregate"], input=w1), 5),
+        "W1-py": python_aggregated(w1, 5),
+        "W2": keep(sh([DEAGG, "aggregate"], input=w2), 5),
+        "W3": keep(sh([DEAGG, "aggregate", "--plain"], input=w3), 3166),
+        "W5": keep(sh([DEAGG, "aggregate", "--max-size", "51200"], input=w5), 88),
+    }
+    paths = {}
+    for name, text in files.items():
+        paths[name] = os.path.join(OUT, f"{name}.json")
+        with open(paths[name], "w") as f:
+            f.write(text)
+    return paths
+
+
+def md5_rate():
+    """Bytes per second of `openssl speed -evp md5` on 16 KiB blocks."""
+    out = sh(ONE_CORE + ["openssl", "speed", "-evp", "md5", "-bytes", "16384", "-seconds", "2"])
+    line = [l for l in out.splitlines() if l.lower().startswith("md5")][-1]
+    return float(re.findall(r"([\d.]+)k", line)[-1]) * 1000
+
+
+def base64_rate(text):
+    """Bytes of base64 text per second, fastest of Python's binascii and Node's Buffer."""
+    start, n = time.perf_counter(), 0
+    while time.perf_counter() - start < 1:
+        binascii.a2b_base64(text)
+        n += 1
+    python = n * len(text) / (time.perf_counter() - start)
+    node = float(sh(ONE_CORE + ["node", "-e",
+        "const s=require('fs').readFileSync(0,'latin1');let n=0;const t=process.hrtime.bigint();"
+        "while(Number(process.hrtime.bigint()-t)<1e9){Buffer.from(s,'base64');n++}"
+        "console.log(n*s.length/(Number(process.hrtime.bigint()-t)/1e9))"], input=text))
+    return max(python, node)
+
+
+def bound_ms(path, md5, b64):
+    event = json.load(open(path))
+    datas = [r["kinesis"]["data"] for r in event["Records"]]
+    hashed = sum(len(base64.b64decode(d)) - 20 for d in datas if base64.b64decode(d[:8])[:4] == b"\xf3\x89\x9a\xc2")
+    return (hashed / md5 + sum(map(len, datas)) / b64) * 1000
+
+
+def run(cmd, paths):
+    out = sh(ONE_CORE + cmd + list(paths.values()), cwd=ROOT)
+    by_file = {json.loads(l)["file"]: json.loads(l) for l in out.splitlines() if l.startswith("{")}
+    return {name: by_file[p] for name, p in paths.items()}
+
+
+def main():
+    subprocess.run(["cargo", "build", "--release", "--quiet"], cwd=ROOT, check=True)
+    paths = generate()
+    ours = run(["cargo", "bench", "--quiet", "--bench", "workloads", "--"], paths)
+    python = run([VENV_PY, "tools/bench/python_deagg.py"], paths)
+    node = run(["node", "tools/bench/node_deagg.js"], paths)
+    md5 = md5_rate()
+    b64 = base64_rate(json.load(open(paths["W1"]))["Records"][0]["kinesis"]["data"])
+    print(f"one core ({' '.join(ONE_CORE) or 'no taskset'}); MD5 {md5 / 1e6:.0f} MB/s (openssl), base64 {b64 / 1e6:.0f} MB/s")
+    print(f"{'workload':8} {'user recs':>9} {'MB':>5} | {'ours':>7} {'python':>7} {'node':>7} {'bound':>6} ms | "
+          f"{'recs/s':>9} {'MB/s':>6} | {'py/ours':>7} {'node/ours':>9} {'ours/bound':>10}")
+    for name, path in paths.items():
+        o, p, n = ours[name]["median_ms"], python[name]["median_ms"], node[name]["median_ms"]
+        b = bound_ms(path, md5, b64)
+        users = ours[name]["user_records"]
+        assert users == python[name]["user_records"] == node[name]["user_records"], (name, users, python[name], node[name])
+        mb = ours[name]["bytes"] / 1e6
+        print(f"{name:8} {users:>9} {mb:>5.1f} | {o:>7.2f} {p:>7.2f} {n:>7.2f} {b:>6.2f}    | "
+              f"{users / o * 1000:>9.0f} {mb / o * 1000:>6.0f} | {p / o:>7.2f} {n / o:>9.2f} {o / b:>10.2f}")
+
+
+if __name__ == "__main__":
+    main()
