@@ -267,9 +267,17 @@ fn the_corrupt_policy_and_mode_come_from_the_environment() {
 }
 
 #[test]
-fn a_bad_setting_stops_the_function_before_its_first_invocation() {
+fn a_bad_setting_is_reported_to_lambda_as_an_init_error() {
     let api = RuntimeApi::start();
     let mut function = start_function(&api, &[("DEAGG_ON_CORRUPT", "sometimes")]);
+    let Reply::InitError(body) = api.reply() else {
+        panic!("expected an init error")
+    };
+    assert_eq!(body["errorType"], "Runtime.InitError");
+    assert!(
+        body["errorMessage"].as_str().unwrap().contains("sometimes"),
+        "{body}"
+    );
     let status = function.0.wait().unwrap();
     assert!(!status.success());
 }
