@@ -15,9 +15,9 @@ use std::time::{Duration, SystemTime};
 use base64::Engine;
 use base64::engine::{DecodePaddingMode, GeneralPurpose, GeneralPurposeConfig};
 use bytes::Bytes;
-use serde::de::Error as _;
+use serde::de::value::MapAccessDeserializer;
+use serde::de::{Error as _, IgnoredAny, MapAccess, SeqAccess, Visitor};
 use serde::{Deserialize, Deserializer};
-use serde_json::Value;
 
 /// Standard alphabet; padding optional, since a producer's unpadded base64 is still
 /// unambiguous and is not worth blocking a shard over.
@@ -90,75 +90,242 @@ impl<'de> Deserialize<'de> for KinesisEvent {
         #[derive(Deserialize)]
         struct Envelope {
             #[serde(rename = "Records")]
-            records: Vec<Value>,
+            records: Vec<Lenient<RawRecord>>,
         }
         let envelope = Envelope::deserialize(deserializer)?;
         let records = envelope
             .records
             .into_iter()
             .enumerate()
-            .map(|(i, v)| {
-                EventRecord::from_value(v).map_err(|e| D::Error::custom(format!("record {i}: {e}")))
+            .map(|(i, raw)| {
+                EventRecord::from_raw(raw).map_err(|e| D::Error::custom(format!("record {i}: {e}")))
             })
             .collect::<Result<_, _>>()?;
         Ok(KinesisEvent { records })
     }
 }
 
+/// One record as it comes: Lambda's shape (`kinesis` object) or `get-records`' (capitalised
+/// fields at the top). Every field is [`Loose`], so a field of the wrong type is that
+/// record's problem, found when the record is read, not a failure of the whole event.
+#[derive(Deserialize)]
+struct RawRecord {
+    kinesis: Option<Lenient<RawKinesis>>,
+    #[serde(rename = "eventID")]
+    event_id: Option<Loose>,
+    #[serde(rename = "eventSourceARN")]
+    event_source_arn: Option<Loose>,
+    #[serde(flatten)]
+    get_records: RawGetRecords,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(rename_all = "camelCase")]
+struct RawKinesis {
+    sequence_number: Option<Loose>,
+    partition_key: Option<Loose>,
+    data: Option<Loose>,
+    approximate_arrival_timestamp: Option<Loose>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(rename_all = "PascalCase")]
+struct RawGetRecords {
+    sequence_number: Option<Loose>,
+    partition_key: Option<Loose>,
+    data: Option<Loose>,
+    approximate_arrival_timestamp: Option<Loose>,
+}
+
+/// Any JSON value, kept only as far as a record needs it: strings and numbers as they are,
+/// anything else as the name of its type (nested values are skipped, not built).
+#[derive(Debug)]
+enum Loose {
+    Str(String),
+    Num(f64),
+    Other(&'static str),
+}
+
+impl Loose {
+    fn kind(&self) -> &'static str {
+        match self {
+            Loose::Str(_) => "a string",
+            Loose::Num(_) => "a number",
+            Loose::Other(kind) => kind,
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Loose {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        deserializer.deserialize_any(LooseVisitor)
+    }
+}
+
+struct LooseVisitor;
+
+impl<'de> Visitor<'de> for LooseVisitor {
+    type Value = Loose;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("any JSON value")
+    }
+    fn visit_str<E>(self, v: &str) -> Result<Loose, E> {
+        Ok(Loose::Str(v.to_owned()))
+    }
+    fn visit_string<E>(self, v: String) -> Result<Loose, E> {
+        Ok(Loose::Str(v))
+    }
+    fn visit_f64<E>(self, v: f64) -> Result<Loose, E> {
+        Ok(Loose::Num(v))
+    }
+    fn visit_i64<E>(self, v: i64) -> Result<Loose, E> {
+        Ok(Loose::Num(v as f64))
+    }
+    fn visit_u64<E>(self, v: u64) -> Result<Loose, E> {
+        Ok(Loose::Num(v as f64))
+    }
+    fn visit_bool<E>(self, _: bool) -> Result<Loose, E> {
+        Ok(Loose::Other("a boolean"))
+    }
+    fn visit_unit<E>(self) -> Result<Loose, E> {
+        Ok(Loose::Other("null"))
+    }
+    fn visit_none<E>(self) -> Result<Loose, E> {
+        Ok(Loose::Other("null"))
+    }
+    fn visit_some<D: Deserializer<'de>>(self, d: D) -> Result<Loose, D::Error> {
+        d.deserialize_any(self)
+    }
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Loose, A::Error> {
+        while seq.next_element::<IgnoredAny>()?.is_some() {}
+        Ok(Loose::Other("an array"))
+    }
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Loose, A::Error> {
+        while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
+        Ok(Loose::Other("an object"))
+    }
+}
+
+/// An object read as `T`, or the type of whatever else stood there.
+enum Lenient<T> {
+    Object(T),
+    Not(&'static str),
+}
+
+impl<'de, T: Deserialize<'de>> Deserialize<'de> for Lenient<T> {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct ObjectVisitor<T>(std::marker::PhantomData<T>);
+        impl<'de, T: Deserialize<'de>> Visitor<'de> for ObjectVisitor<T> {
+            type Value = Lenient<T>;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("any JSON value")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Lenient<T>, A::Error> {
+                T::deserialize(MapAccessDeserializer::new(map)).map(Lenient::Object)
+            }
+            fn visit_str<E>(self, _: &str) -> Result<Lenient<T>, E> {
+                Ok(Lenient::Not("a string"))
+            }
+            fn visit_f64<E>(self, _: f64) -> Result<Lenient<T>, E> {
+                Ok(Lenient::Not("a number"))
+            }
+            fn visit_i64<E>(self, _: i64) -> Result<Lenient<T>, E> {
+                Ok(Lenient::Not("a number"))
+            }
+            fn visit_u64<E>(self, _: u64) -> Result<Lenient<T>, E> {
+                Ok(Lenient::Not("a number"))
+            }
+            fn visit_bool<E>(self, _: bool) -> Result<Lenient<T>, E> {
+                Ok(Lenient::Not("a boolean"))
+            }
+            fn visit_unit<E>(self) -> Result<Lenient<T>, E> {
+                Ok(Lenient::Not("null"))
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Lenient<T>, A::Error> {
+                while seq.next_element::<IgnoredAny>()?.is_some() {}
+                Ok(Lenient::Not("an array"))
+            }
+        }
+        deserializer.deserialize_any(ObjectVisitor(std::marker::PhantomData))
+    }
+}
+
 impl EventRecord {
     /// Reads one record: `{"kinesis": {...}, "eventID", "eventSourceARN"}` from Lambda, or
     /// `{"Data", "PartitionKey", "SequenceNumber"}` from `get-records`.
-    fn from_value(mut v: Value) -> Result<Self, String> {
-        let lambda_shape = v.get("kinesis").is_some();
-        let mut inner = if lambda_shape {
-            v["kinesis"].take()
-        } else {
-            v.clone()
+    fn from_raw(raw: Lenient<RawRecord>) -> Result<Self, String> {
+        let raw = match raw {
+            Lenient::Object(raw) => raw,
+            Lenient::Not(kind) => {
+                return Err(format!(
+                    "the record is {kind}, not an object with a `sequenceNumber` (or `SequenceNumber`)"
+                ));
+            }
         };
-        let [seq, pk, data, arrival] = if lambda_shape {
-            [
-                "sequenceNumber",
-                "partitionKey",
-                "data",
-                "approximateArrivalTimestamp",
-            ]
-        } else {
-            [
-                "SequenceNumber",
-                "PartitionKey",
-                "Data",
-                "ApproximateArrivalTimestamp",
-            ]
+        let (names, seq, pk, data, arrival) = match raw.kinesis {
+            Some(Lenient::Object(k)) => (
+                LAMBDA_NAMES,
+                k.sequence_number,
+                k.partition_key,
+                k.data,
+                k.approximate_arrival_timestamp,
+            ),
+            Some(Lenient::Not(kind)) => {
+                return Err(format!(
+                    "`kinesis` is {kind}, not an object with a `sequenceNumber`"
+                ));
+            }
+            None => {
+                let g = raw.get_records;
+                (
+                    GET_RECORDS_NAMES,
+                    g.sequence_number,
+                    g.partition_key,
+                    g.data,
+                    g.approximate_arrival_timestamp,
+                )
+            }
         };
-        let sequence_number = match inner.get(seq) {
-            Some(Value::String(s)) if !s.is_empty() => Arc::from(s.as_str()),
-            Some(other) => return Err(format!("`{seq}` is not a non-empty string: {other}")),
-            None => return Err(format!("no `{seq}`, so no failure could ever name it")),
+        let [seq_name, data_name] = names;
+        let sequence_number = match seq {
+            Some(Loose::Str(s)) if !s.is_empty() => Arc::from(s),
+            Some(other) => {
+                return Err(format!(
+                    "`{seq_name}` is not a non-empty string but {}",
+                    other.kind()
+                ));
+            }
+            None => return Err(format!("no `{seq_name}`, so no failure could ever name it")),
         };
-        let text = |v: Option<&Value>| v.and_then(Value::as_str).map(Arc::from);
-        let data = match inner.get_mut(data).map(Value::take) {
-            Some(Value::String(s)) => Ok(s),
-            Some(other) => Err(format!("`{data}` is not a string but {}", kind(&other))),
-            None => Err(format!("no `{data}` field")),
+        let data = match data {
+            Some(Loose::Str(s)) => Ok(s),
+            Some(other) => Err(format!(
+                "`{data_name}` is not a string but {}",
+                other.kind()
+            )),
+            None => Err(format!("no `{data_name}` field")),
         };
-        let approximate_arrival = inner
-            .get(arrival)
-            .and_then(Value::as_f64)
-            .filter(|s| s.is_finite() && *s >= 0.0 && *s < 1e12)
-            // Kinesis stamps milliseconds; rounding keeps 1545084650.987 from becoming .986999.
-            .map(|s| SystemTime::UNIX_EPOCH + Duration::from_millis((s * 1000.0).round() as u64));
-        let shard_id = v
-            .get("eventID")
-            .and_then(Value::as_str)
-            .and_then(|id| id.split_once(':'))
-            .map(|(shard, _)| Arc::from(shard));
+        let text = |v: Option<Loose>| match v {
+            Some(Loose::Str(s)) => Some(Arc::from(s)),
+            _ => None,
+        };
+        let approximate_arrival = match arrival {
+            Some(Loose::Num(s)) if s.is_finite() && (0.0..1e12).contains(&s) => {
+                // Kinesis stamps milliseconds; rounding keeps 1545084650.987 from becoming .986999.
+                Some(SystemTime::UNIX_EPOCH + Duration::from_millis((s * 1000.0).round() as u64))
+            }
+            _ => None,
+        };
+        let shard_id = text(raw.event_id)
+            .and_then(|id: Arc<str>| id.split_once(':').map(|(shard, _)| Arc::from(shard)));
         Ok(EventRecord {
             sequence_number,
-            partition_key: text(inner.get(pk)).unwrap_or_else(|| Arc::from("")),
+            partition_key: text(pk).unwrap_or_else(|| Arc::from("")),
             data,
             approximate_arrival,
             shard_id,
-            event_source_arn: text(v.get("eventSourceARN")),
+            event_source_arn: text(raw.event_source_arn),
         })
     }
 
@@ -176,16 +343,9 @@ impl EventRecord {
     }
 }
 
-fn kind(v: &Value) -> &'static str {
-    match v {
-        Value::Null => "null",
-        Value::Bool(_) => "a boolean",
-        Value::Number(_) => "a number",
-        Value::String(_) => "a string",
-        Value::Array(_) => "an array",
-        Value::Object(_) => "an object",
-    }
-}
+/// Names of the sequence number and data fields, for messages, in each shape.
+const LAMBDA_NAMES: [&str; 2] = ["sequenceNumber", "data"];
+const GET_RECORDS_NAMES: [&str; 2] = ["SequenceNumber", "Data"];
 
 #[cfg(test)]
 mod tests {

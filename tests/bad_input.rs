@@ -144,17 +144,18 @@ async fn a_10_mib_record_plain_and_aggregated() {
 }
 
 #[tokio::test]
-async fn deeply_nested_json_is_an_error_not_a_stack_overflow() {
+async fn deeply_nested_json_is_an_error_or_the_records_problem_not_a_stack_overflow() {
     for depth in [200, 100_000] {
         let nested = "[".repeat(depth) + &"]".repeat(depth);
-        for json in [
-            nested.clone(),
-            format!(r#"{{"Records":{nested}}}"#),
-            format!(r#"{{"Records":[{{"kinesis":{{"sequenceNumber":"1","data":{nested}}}}}]}}"#),
-        ] {
+        for json in [nested.clone(), format!(r#"{{"Records":{nested}}}"#)] {
             let err = outcome(json.as_bytes()).await.unwrap_err();
             assert!(err.starts_with("not a Kinesis event"), "{err}");
         }
+        // Inside a record's field, it is that record's problem: `data` is not a string, so the
+        // corrupt-input policy reports the record.
+        let in_data =
+            format!(r#"{{"Records":[{{"kinesis":{{"sequenceNumber":"1","data":{nested}}}}}]}}"#);
+        assert_eq!(outcome(in_data.as_bytes()).await, Ok(vec!["1".to_string()]));
     }
 }
 
