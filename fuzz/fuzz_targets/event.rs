@@ -3,6 +3,7 @@
 #![no_main]
 
 use kinesis_deagg::event::KinesisEvent;
+use kinesis_deagg::settings::Switch;
 use kinesis_deagg::transform::{Builtin, BuiltinTransform};
 use kinesis_deagg::{Processor, Settings};
 use libfuzzer_sys::fuzz_target;
@@ -11,7 +12,12 @@ fuzz_target!(|input: &[u8]| {
     let Ok(event) = KinesisEvent::from_slice(input) else {
         return;
     };
-    let processor = Processor::new(BuiltinTransform::new(Builtin::Json, 0), Settings::default());
+    // Metrics off: an EMF line per execution would only slow the fuzzer down.
+    let settings = Settings {
+        metrics: Switch::Off,
+        ..Settings::default()
+    };
+    let processor = Processor::new(BuiltinTransform::new(Builtin::Json, 0), settings);
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
     let outcome = rt.block_on(processor.handle(&event, None));
     for item in outcome.response().batch_item_failures {
