@@ -1,19 +1,14 @@
 //! Deaggregation of a 1 MiB aggregate of 200-byte user records, beside the MD5 of the same
-//! bytes (the floor: verification must hash every byte) and the handler on a 5 MiB event.
+//! bytes (the floor: verification must hash every byte). The whole handler on whole events is
+//! `benches/workloads.rs` (`make bench`).
 //!
-//! `cargo bench --bench deaggregate` (or `make bench`); criterion prints time and throughput.
+//! `cargo bench --bench deaggregate` (or `make bench-kpl`); criterion prints time and throughput.
 
 use std::hint::black_box;
 
-use base64::Engine;
-use base64::engine::general_purpose::STANDARD;
 use bytes::Bytes;
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
-use kinesis_deagg::event::KinesisEvent;
 use kinesis_deagg::kpl::{Aggregator, deaggregate, deaggregate_with};
-use kinesis_deagg::settings::Switch;
-use kinesis_deagg::transform::{Builtin, BuiltinTransform};
-use kinesis_deagg::{Processor, Settings};
 use md5::{Digest, Md5};
 
 /// Full 1 MiB aggregates of ~200-byte JSON-like user records with a few thousand keys.
@@ -52,37 +47,5 @@ fn kpl(c: &mut Criterion) {
     g.finish();
 }
 
-fn handler(c: &mut Criterion) {
-    let records: Vec<_> = aggregates(5)
-        .iter()
-        .enumerate()
-        .map(|(i, d)| {
-            serde_json::json!({"kinesis": {"sequenceNumber": i.to_string(), "partitionKey": "a",
-                "data": STANDARD.encode(d), "approximateArrivalTimestamp": 1.7e9}})
-        })
-        .collect();
-    let json = serde_json::to_vec(&serde_json::json!({ "Records": records })).unwrap();
-    // Metrics off: the EMF line would be printed once per iteration.
-    let settings = Settings {
-        metrics: Switch::Off,
-        ..Settings::default()
-    };
-    let processor = Processor::new(BuiltinTransform::new(Builtin::Discard, 0), settings);
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    let mut g = c.benchmark_group("event-5x1MiB-aggregates");
-    g.throughput(Throughput::Bytes(json.len() as u64));
-    g.sample_size(30);
-    g.bench_function("parse+handle(discard)", |b| {
-        b.iter(|| {
-            let event = KinesisEvent::from_slice(black_box(&json)).unwrap();
-            rt.block_on(processor.handle(&event, None))
-        })
-    });
-    g.finish();
-}
-
-criterion_group!(benches, kpl, handler);
+criterion_group!(benches, kpl);
 criterion_main!(benches);
