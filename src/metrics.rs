@@ -11,7 +11,7 @@ use std::time::{Duration, SystemTime};
 
 use serde_json::{Map, Value, json};
 
-use crate::batch::{BatchOutcome, BatchStats};
+use crate::batch::BatchOutcome;
 
 /// Most metrics one EMF directive may hold.
 const MAX_METRICS_PER_DIRECTIVE: usize = 100;
@@ -67,10 +67,10 @@ pub struct Dimensions {
 
 /// Built-in metrics published with the function and stream dimensions: name, unit, value.
 fn batch_metrics(
-    stats: &BatchStats,
     outcome: &BatchOutcome,
     processing: Duration,
 ) -> Vec<(&'static str, &'static str, f64)> {
+    let stats = &outcome.stats;
     vec![
         ("KinesisRecords", "Count", stats.kinesis_records as f64),
         ("UserRecords", "Count", stats.user_records as f64),
@@ -147,7 +147,7 @@ pub fn document(
     root.insert("ShardId".into(), dims.shard_id.clone().into());
 
     let mut batch = Vec::new();
-    for (name, unit, value) in batch_metrics(&outcome.stats, outcome, processing) {
+    for (name, unit, value) in batch_metrics(outcome, processing) {
         batch.push(json!({"Name": name, "Unit": unit}));
         root.insert(name.into(), value.into());
     }
