@@ -1,5 +1,7 @@
 //! Properties of the KPL core over arbitrary inputs.
 
+mod common;
+
 use kinesis_deagg::kpl::{Aggregator, Deaggregated, deaggregate};
 use proptest::prelude::*;
 
@@ -85,8 +87,6 @@ proptest! {
 
     #[test]
     fn arbitrary_protobuf_with_a_good_checksum_never_panics(body in proptest::collection::vec(any::<u8>(), 0..512)) {
-        use md5::{Digest, Md5};
-        let data = [&kinesis_deagg::kpl::MAGIC[..], &body, &Md5::digest(&body)].concat();
-        let _ = deaggregate(data.into());
+        let _ = deaggregate(common::envelope(&body).into());
     }
 }

@@ -219,14 +219,7 @@ async fn a_checksum_mismatch_is_passed_through_whatever_the_policy() {
 #[tokio::test]
 async fn an_empty_aggregate_is_counted_and_acknowledged() {
     // Build an empty aggregate by hand: a key table and no records.
-    let protobuf = [&[0x0A, 20][..], &[b'p'; 20]].concat();
-    use md5::{Digest, Md5};
-    let data = [
-        &kinesis_deagg::kpl::MAGIC[..],
-        &protobuf,
-        &Md5::digest(&protobuf),
-    ]
-    .concat();
+    let data = envelope(&[&[0x0A, 20][..], &[b'p'; 20]].concat());
     let e = event(vec![plain("1", "a", &data), plain("2", "a", b"ok")]);
     let (outcome, seen) = run(&e, &Settings::default()).await;
     assert!(outcome.failure.is_none());

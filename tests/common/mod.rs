@@ -33,14 +33,20 @@ pub fn aggregate(seq: &str, users: &[(&str, &[u8])]) -> Value {
     record(seq, &r.partition_key, &STANDARD.encode(&r.data))
 }
 
+/// The KPL envelope around any bytes: magic, the bytes, and their MD5.
+pub fn envelope(protobuf: &[u8]) -> Vec<u8> {
+    use md5::{Digest, Md5};
+    [
+        &kinesis_deagg::kpl::MAGIC[..],
+        protobuf,
+        &Md5::digest(protobuf),
+    ]
+    .concat()
+}
+
 /// Bytes of an aggregate whose MD5 is right but whose protobuf is not.
 pub fn corrupt_aggregate_bytes() -> Vec<u8> {
-    use md5::{Digest, Md5};
-    let protobuf = [0xFFu8; 20];
-    let mut out = kinesis_deagg::kpl::MAGIC.to_vec();
-    out.extend_from_slice(&protobuf);
-    out.extend_from_slice(&Md5::digest(protobuf));
-    out
+    envelope(&[0xFF; 20])
 }
 
 pub fn event_json(records: Vec<Value>) -> Value {
