@@ -2,28 +2,13 @@
 
 mod common;
 
-use std::io::Write;
-use std::process::{Command, Output, Stdio};
+use std::process::Output;
 
 use common::*;
 use serde_json::Value;
 
 fn run(args: &[&str], stdin: &str) -> Output {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_kinesis-deagg"))
-        .args(args)
-        .env_remove("AWS_LAMBDA_RUNTIME_API")
-        .env("RUST_LOG", "warn")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut input = child.stdin.take().unwrap();
-    let stdin = stdin.to_owned();
-    let writer = std::thread::spawn(move || input.write_all(stdin.as_bytes()));
-    let out = child.wait_with_output().unwrap();
-    let _ = writer.join();
-    out
+    run_binary(args, &[], stdin)
 }
 
 fn stdout_lines(out: &Output) -> Vec<Value> {
@@ -148,19 +133,11 @@ fn invoke_prints_the_response_as_the_last_line_and_exits_0_on_failures() {
 #[test]
 fn invoke_honours_the_settings_from_the_environment_too() {
     let event = event_json(vec![record("1", "k", "%%%")]).to_string();
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_kinesis-deagg"));
-    let out = cmd
-        .args(["invoke", "-"])
-        .env("DEAGG_ON_CORRUPT", "skip")
-        .env("RUST_LOG", "off")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .and_then(|mut c| {
-            c.stdin.take().unwrap().write_all(event.as_bytes())?;
-            c.wait_with_output()
-        })
-        .unwrap();
+    let out = run_binary(
+        &["invoke", "-"],
+        &[("DEAGG_ON_CORRUPT", "skip"), ("RUST_LOG", "off")],
+        &event,
+    );
     assert_eq!(
         String::from_utf8_lossy(&out.stdout).lines().last(),
         Some(r#"{"batchItemFailures":[]}"#)

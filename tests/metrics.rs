@@ -2,8 +2,6 @@
 
 mod common;
 
-use std::io::Write;
-use std::process::{Command, Stdio};
 use std::time::{Duration, SystemTime};
 
 use common::*;
@@ -89,26 +87,7 @@ fn assert_valid_emf(doc: &Value) -> Vec<String> {
 
 /// Runs `kinesis-deagg invoke` on an event; returns stdout lines and stderr.
 fn invoke(event: &str, env: &[(&str, &str)], args: &[&str]) -> (Vec<Value>, String) {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_kinesis-deagg"));
-    cmd.arg("invoke")
-        .args(args)
-        .env_remove("AWS_LAMBDA_RUNTIME_API");
-    for (k, v) in env {
-        cmd.env(k, v);
-    }
-    let mut child = cmd
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(event.as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
+    let out = run_binary(&[&["invoke"][..], args].concat(), env, event);
     assert!(out.status.success());
     let lines = String::from_utf8(out.stdout)
         .unwrap()

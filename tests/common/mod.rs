@@ -49,6 +49,29 @@ pub fn corrupt_aggregate_bytes() -> Vec<u8> {
     envelope(&[0xFF; 20])
 }
 
+/// Runs the `kinesis-deagg` binary outside Lambda with `env` (after `RUST_LOG=warn`) and
+/// `stdin`, and waits for it. Stdin is written from another thread: the binary writes while
+/// it reads, and pipes are small.
+pub fn run_binary(args: &[&str], env: &[(&str, &str)], stdin: &str) -> std::process::Output {
+    use std::io::Write;
+    use std::process::{Command, Stdio};
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_kinesis-deagg"));
+    cmd.args(args)
+        .env_remove("AWS_LAMBDA_RUNTIME_API")
+        .env("RUST_LOG", "warn")
+        .envs(env.iter().copied())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = cmd.spawn().unwrap();
+    let mut input = child.stdin.take().unwrap();
+    let stdin = stdin.to_owned();
+    let writer = std::thread::spawn(move || input.write_all(stdin.as_bytes()));
+    let out = child.wait_with_output().unwrap();
+    let _ = writer.join();
+    out
+}
+
 pub fn event_json(records: Vec<Value>) -> Value {
     json!({ "Records": records })
 }
