@@ -8,7 +8,7 @@ use std::hint::black_box;
 
 use bytes::Bytes;
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
-use kinesis_deagg::kpl::{Aggregator, deaggregate, deaggregate_with};
+use kinesis_deagg::kpl::{Aggregator, deaggregate, deaggregate_with, md5_many};
 use md5::{Digest, Md5};
 
 /// Full 1 MiB aggregates of ~200-byte JSON-like user records with a few thousand keys.
@@ -47,5 +47,28 @@ fn kpl(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, kpl);
+/// The MD5s of an event's aggregates one after another, and side by side (`md5_many`): 5 of
+/// 1 MiB (W1) and 88 of 50 KB (W5, the KPL's default size).
+fn md5_of_an_event(c: &mut Criterion) {
+    for (name, count, size) in [("5x1MiB", 5, 1 << 20), ("88x50KB", 88, 50 * 1024)] {
+        let buffers: Vec<Vec<u8>> = (0..count)
+            .map(|i| (0..size).map(|j| (i * 31 + j * 7) as u8).collect())
+            .collect();
+        let messages: Vec<&[u8]> = buffers.iter().map(Vec::as_slice).collect();
+        let mut g = c.benchmark_group(format!("md5-{name}"));
+        g.throughput(Throughput::Bytes((count * size) as u64));
+        g.bench_function("md-5-one-by-one", |b| {
+            b.iter(|| {
+                messages
+                    .iter()
+                    .map(|m| Md5::digest(black_box(m)))
+                    .collect::<Vec<_>>()
+            })
+        });
+        g.bench_function("md5_many", |b| b.iter(|| md5_many(black_box(&messages))));
+        g.finish();
+    }
+}
+
+criterion_group!(benches, kpl, md5_of_an_event);
 criterion_main!(benches);

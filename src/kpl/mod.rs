@@ -10,6 +10,9 @@
 //! with the messages of `src/kpl/messages.proto`.
 
 mod aggregate;
+// The one module allowed `unsafe`: SIMD intrinsics, see its docs.
+#[allow(unsafe_code)]
+mod md5_many;
 mod messages;
 
 use std::sync::Arc;
@@ -19,6 +22,7 @@ use md5::{Digest, Md5};
 use prost::Message;
 
 pub use aggregate::{AggregateError, AggregatedRecord, Aggregator};
+pub use md5_many::md5_many;
 
 /// The four bytes that start every KPL aggregated record.
 pub const MAGIC: [u8; 4] = [0xF3, 0x89, 0x9A, 0xC2];

@@ -1,0 +1,419 @@
+//! MD5 digests of many independent messages at once: the checksums of a batch's aggregates.
+//!
+//! One MD5 stream cannot go faster than one block after another (each block needs the state
+//! the previous one left), but the aggregates of an event are independent. So this module runs
+//! up to 8 of them side by side, one per 32-bit lane of a 256-bit register, as multi-buffer
+//! hashing libraries do. A lane that finishes its message takes the next one, longest first,
+//! so lanes drain together.
+//!
+//! Kernels, chosen at run time: AVX-512VL (one-instruction rotates and boolean functions),
+//! else AVX2, else (other CPUs, or a single message, where a lane is slower than the scalar
+//! code) the `md-5` crate one message at a time. Every kernel is tested against `md-5` on
+//! arbitrary message sets (`tests` below, and the `deaggregate`/`event` fuzz targets go
+//! through [`md5_many`]).
+//!
+//! This is the only `unsafe` code of the crate: SIMD intrinsics behind a CPU feature check, and
+//! reads of exactly 64 bytes from block pointers that the scheduler takes from live slices.
+
+use md5::{Digest, Md5};
+
+/// The MD5 of each message, in order.
+///
+/// # Examples
+///
+/// ```
+/// use kinesis_deagg::kpl::md5_many;
+/// let digests = md5_many(&[b"", b"a"]);
+/// assert_eq!(digests[1][..4], [0x0c, 0xc1, 0x75, 0xb9]); // MD5("a") = 0cc175b9...
+/// assert_eq!(digests.len(), 2);
+/// ```
+pub fn md5_many(messages: &[&[u8]]) -> Vec<[u8; 16]> {
+    #[cfg(target_arch = "x86_64")]
+    if messages.len() > 1 {
+        if let Some(digests) = x86::md5_many(messages) {
+            return digests;
+        }
+    }
+    scalar(messages)
+}
+
+fn scalar(messages: &[&[u8]]) -> Vec<[u8; 16]> {
+    messages.iter().map(|m| Md5::digest(m).into()).collect()
+}
+
+/// The initial MD5 state (RFC 1321, 3.3).
+const INIT: [u32; 4] = [0x6745_2301, 0xefcd_ab89, 0x98ba_dcfe, 0x1032_5476];
+
+/// The final block(s) of a message: its last `len % 64` bytes, 0x80, zeros, and the length in
+/// bits (RFC 1321, 3.1 and 3.2). One block, or two when fewer than 9 bytes are left.
+fn padding(message: &[u8]) -> ([u8; 128], usize) {
+    let rest = message.len() % 64;
+    let mut tail = [0u8; 128];
+    tail[..rest].copy_from_slice(&message[message.len() - rest..]);
+    tail[rest] = 0x80;
+    let blocks = if rest < 56 { 1 } else { 2 };
+    let bits = (message.len() as u64).wrapping_mul(8);
+    tail[blocks * 64 - 8..blocks * 64].copy_from_slice(&bits.to_le_bytes());
+    (tail, blocks * 64)
+}
+
+/// One message's progress through a lane: its full blocks in place, then its padded tail.
+struct Cursor<'a> {
+    message: usize,
+    body: &'a [u8],
+    tail: &'a [u8],
+}
+
+impl<'a> Cursor<'a> {
+    fn new(message: usize, data: &'a [u8], tail: &'a [u8]) -> Self {
+        Cursor {
+            message,
+            body: &data[..data.len() / 64 * 64],
+            tail,
+        }
+    }
+
+    /// The next 64-byte block; only called while [`Cursor::done`] is false.
+    fn next_block(&mut self) -> &'a [u8] {
+        let source = if self.body.is_empty() {
+            &mut self.tail
+        } else {
+            &mut self.body
+        };
+        let (block, rest) = source.split_at(64);
+        *source = rest;
+        block
+    }
+
+    fn done(&self) -> bool {
+        self.body.is_empty() && self.tail.is_empty()
+    }
+}
+
+/// Runs `messages` through 8 lanes of `kernel`, which compresses one block per lane into a
+/// transposed state (`state[word][lane]`).
+fn lanes(messages: &[&[u8]], kernel: impl Fn(&mut [[u32; 8]; 4], [&[u8]; 8])) -> Vec<[u8; 16]> {
+    const IDLE: [u8; 64] = [0; 64];
+    let tails: Vec<([u8; 128], usize)> = messages.iter().map(|m| padding(m)).collect();
+    let mut order: Vec<usize> = (0..messages.len()).collect();
+    order.sort_by_key(|&i| std::cmp::Reverse(messages[i].len()));
+    let mut waiting = order.into_iter();
+    let mut digests = vec![[0u8; 16]; messages.len()];
+    let mut state = [[0u32; 8]; 4];
+    let mut lanes: [Option<Cursor>; 8] = Default::default();
+    loop {
+        for (lane, slot) in lanes.iter_mut().enumerate() {
+            if slot.is_none()
+                && let Some(m) = waiting.next()
+            {
+                let (tail, len) = &tails[m];
+                *slot = Some(Cursor::new(m, messages[m], &tail[..*len]));
+                for (word, init) in state.iter_mut().zip(INIT) {
+                    word[lane] = init;
+                }
+            }
+        }
+        if lanes.iter().all(Option::is_none) {
+            return digests;
+        }
+        let blocks = std::array::from_fn(|lane| match &mut lanes[lane] {
+            Some(cursor) => cursor.next_block(),
+            None => &IDLE[..],
+        });
+        kernel(&mut state, blocks);
+        for (lane, slot) in lanes.iter_mut().enumerate() {
+            if let Some(cursor) = slot.take_if(|c| c.done()) {
+                for (word, out) in digests[cursor.message].chunks_exact_mut(4).enumerate() {
+                    out.copy_from_slice(&state[word][lane].to_le_bytes());
+                }
+            }
+        }
+    }
+}
+
+/// The sine table of MD5 (RFC 1321, 3.4), one constant per step.
+#[rustfmt::skip]
+const K: [u32; 64] = [
+    0xd76aa478, 0xe8c7b756, 0x242070db, 0xc1bdceee, 0xf57c0faf, 0x4787c62a, 0xa8304613, 0xfd469501,
+    0x698098d8, 0x8b44f7af, 0xffff5bb1, 0x895cd7be, 0x6b901122, 0xfd987193, 0xa679438e, 0x49b40821,
+    0xf61e2562, 0xc040b340, 0x265e5a51, 0xe9b6c7aa, 0xd62f105d, 0x02441453, 0xd8a1e681, 0xe7d3fbc8,
+    0x21e1cde6, 0xc33707d6, 0xf4d50d87, 0x455a14ed, 0xa9e3e905, 0xfcefa3f8, 0x676f02d9, 0x8d2a4c8a,
+    0xfffa3942, 0x8771f681, 0x6d9d6122, 0xfde5380c, 0xa4beea44, 0x4bdecfa9, 0xf6bb4b60, 0xbebfbc70,
+    0x289b7ec6, 0xeaa127fa, 0xd4ef3085, 0x04881d05, 0xd9d4d039, 0xe6db99e5, 0x1fa27cf8, 0xc4ac5665,
+    0xf4292244, 0x432aff97, 0xab9423a7, 0xfc93a039, 0x655b59c3, 0x8f0ccc92, 0xffeff47d, 0x85845dd1,
+    0x6fa87e4f, 0xfe2ce6e0, 0xa3014314, 0x4e0811a1, 0xf7537e82, 0xbd3af235, 0x2ad7d2bb, 0xeb86d391,
+];
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use std::arch::x86_64::*;
+
+    use super::{K, lanes};
+
+    /// The fastest SIMD kernel this CPU has, or `None` for the scalar path.
+    pub(super) fn md5_many(messages: &[&[u8]]) -> Option<Vec<[u8; 16]>> {
+        if is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512vl") {
+            Some(with_avx512(messages))
+        } else if is_x86_feature_detected!("avx2") {
+            Some(with_avx2(messages))
+        } else {
+            None
+        }
+    }
+
+    /// Panics unless the CPU has AVX-512F and AVX-512VL (callers check).
+    pub(super) fn with_avx512(messages: &[&[u8]]) -> Vec<[u8; 16]> {
+        assert!(is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512vl"));
+        // SAFETY: the features the kernel is compiled for are present (asserted above).
+        lanes(messages, |state, blocks| unsafe {
+            avx512::compress(state, blocks)
+        })
+    }
+
+    /// Panics unless the CPU has AVX2 (callers check).
+    pub(super) fn with_avx2(messages: &[&[u8]]) -> Vec<[u8; 16]> {
+        assert!(is_x86_feature_detected!("avx2"));
+        // SAFETY: the features the kernel is compiled for are present (asserted above).
+        lanes(messages, |state, blocks| unsafe {
+            avx2::compress(state, blocks)
+        })
+    }
+
+    /// Loads word `w..w+8` of 8 blocks, one block per lane, transposed so that vector `j`
+    /// holds word `w + j` of every lane.
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    fn load_transposed(blocks: &[&[u8]; 8], w: usize) -> [__m256i; 8] {
+        // SAFETY: every block is a 64-byte slice (the scheduler's `Cursor` and `IDLE` only hand
+        // out 64-byte slices, asserted here) and w is 0 or 8, so the 32 bytes read from
+        // offset 4 * w lie inside it. loadu has no alignment requirement.
+        let r: [__m256i; 8] = std::array::from_fn(|lane| {
+            assert!(blocks[lane].len() == 64 && w <= 8);
+            unsafe { _mm256_loadu_si256(blocks[lane].as_ptr().add(4 * w).cast()) }
+        });
+        let t: [__m256i; 8] = std::array::from_fn(|i| {
+            let (x, y) = (r[i / 2 * 2], r[i / 2 * 2 + 1]);
+            if i % 2 == 0 {
+                _mm256_unpacklo_epi32(x, y)
+            } else {
+                _mm256_unpackhi_epi32(x, y)
+            }
+        });
+        // u[0..4]: words 0-3 (low half) and 4-7 (high half) of lanes 0-3; u[4..8]: lanes 4-7.
+        let u: [__m256i; 8] = std::array::from_fn(|i| {
+            let base = i / 4 * 4;
+            let (x, y) = (t[base + (i % 4) / 2], t[base + (i % 4) / 2 + 2]);
+            if i % 2 == 0 {
+                _mm256_unpacklo_epi64(x, y)
+            } else {
+                _mm256_unpackhi_epi64(x, y)
+            }
+        });
+        std::array::from_fn(|j| {
+            if j < 4 {
+                _mm256_permute2x128_si256::<0x20>(u[j], u[j + 4])
+            } else {
+                _mm256_permute2x128_si256::<0x31>(u[j - 4], u[j])
+            }
+        })
+    }
+
+    /// The 64 steps of MD5 on transposed words, given the four boolean functions and the
+    /// rotation of a kernel (RFC 1321, 3.4).
+    macro_rules! md5_block {
+        ($state:ident, $blocks:ident, $f:ident, $g:ident, $h:ident, $i:ident, $rotl:ident) => {{
+            let lo = load_transposed(&$blocks, 0);
+            let hi = load_transposed(&$blocks, 8);
+            let m: [__m256i; 16] = std::array::from_fn(|j| if j < 8 { lo[j] } else { hi[j - 8] });
+            let v: [__m256i; 4] = std::array::from_fn(|w| {
+                // SAFETY: `$state[w]` is 8 u32 = 32 bytes; loadu has no alignment requirement.
+                unsafe { _mm256_loadu_si256($state[w].as_ptr().cast()) }
+            });
+            let [mut a, mut b, mut c, mut d] = v;
+            macro_rules! step {
+                ($fun:ident, $a:ident, $b:ident, $c:ident, $d:ident, $k:expr, $word:expr, $s:literal) => {
+                    let sum = _mm256_add_epi32(
+                        _mm256_add_epi32($a, $fun($b, $c, $d)),
+                        _mm256_add_epi32(_mm256_set1_epi32(K[$k] as i32), m[$word]),
+                    );
+                    $a = _mm256_add_epi32($b, $rotl::<$s, { 32 - $s }>(sum));
+                };
+            }
+            macro_rules! four {
+                ($fun:ident, $k:expr, [$w0:expr, $w1:expr, $w2:expr, $w3:expr], [$s0:literal, $s1:literal, $s2:literal, $s3:literal]) => {
+                    step!($fun, a, b, c, d, $k, $w0, $s0);
+                    step!($fun, d, a, b, c, $k + 1, $w1, $s1);
+                    step!($fun, c, d, a, b, $k + 2, $w2, $s2);
+                    step!($fun, b, c, d, a, $k + 3, $w3, $s3);
+                };
+            }
+            four!($f, 0, [0, 1, 2, 3], [7, 12, 17, 22]);
+            four!($f, 4, [4, 5, 6, 7], [7, 12, 17, 22]);
+            four!($f, 8, [8, 9, 10, 11], [7, 12, 17, 22]);
+            four!($f, 12, [12, 13, 14, 15], [7, 12, 17, 22]);
+            four!($g, 16, [1, 6, 11, 0], [5, 9, 14, 20]);
+            four!($g, 20, [5, 10, 15, 4], [5, 9, 14, 20]);
+            four!($g, 24, [9, 14, 3, 8], [5, 9, 14, 20]);
+            four!($g, 28, [13, 2, 7, 12], [5, 9, 14, 20]);
+            four!($h, 32, [5, 8, 11, 14], [4, 11, 16, 23]);
+            four!($h, 36, [1, 4, 7, 10], [4, 11, 16, 23]);
+            four!($h, 40, [13, 0, 3, 6], [4, 11, 16, 23]);
+            four!($h, 44, [9, 12, 15, 2], [4, 11, 16, 23]);
+            four!($i, 48, [0, 7, 14, 5], [6, 10, 15, 21]);
+            four!($i, 52, [12, 3, 10, 1], [6, 10, 15, 21]);
+            four!($i, 56, [8, 15, 6, 13], [6, 10, 15, 21]);
+            four!($i, 60, [4, 11, 2, 9], [6, 10, 15, 21]);
+            for (w, x) in [a, b, c, d].into_iter().enumerate() {
+                let sum = _mm256_add_epi32(v[w], x);
+                // SAFETY: as the load above.
+                unsafe { _mm256_storeu_si256($state[w].as_mut_ptr().cast(), sum) };
+            }
+        }};
+    }
+
+    mod avx2 {
+        use std::arch::x86_64::*;
+
+        use super::{K, load_transposed};
+
+        #[inline]
+        #[target_feature(enable = "avx2")]
+        fn f(x: __m256i, y: __m256i, z: __m256i) -> __m256i {
+            _mm256_xor_si256(z, _mm256_and_si256(x, _mm256_xor_si256(y, z)))
+        }
+        #[inline]
+        #[target_feature(enable = "avx2")]
+        fn g(x: __m256i, y: __m256i, z: __m256i) -> __m256i {
+            _mm256_xor_si256(y, _mm256_and_si256(z, _mm256_xor_si256(x, y)))
+        }
+        #[inline]
+        #[target_feature(enable = "avx2")]
+        fn h(x: __m256i, y: __m256i, z: __m256i) -> __m256i {
+            _mm256_xor_si256(_mm256_xor_si256(x, y), z)
+        }
+        #[inline]
+        #[target_feature(enable = "avx2")]
+        fn i(x: __m256i, y: __m256i, z: __m256i) -> __m256i {
+            let not_z = _mm256_xor_si256(z, _mm256_set1_epi32(-1));
+            _mm256_xor_si256(y, _mm256_or_si256(x, not_z))
+        }
+        #[inline]
+        #[target_feature(enable = "avx2")]
+        fn rotl<const L: i32, const R: i32>(x: __m256i) -> __m256i {
+            _mm256_or_si256(_mm256_slli_epi32::<L>(x), _mm256_srli_epi32::<R>(x))
+        }
+
+        #[target_feature(enable = "avx2")]
+        pub(super) fn compress(state: &mut [[u32; 8]; 4], blocks: [&[u8]; 8]) {
+            md5_block!(state, blocks, f, g, h, i, rotl)
+        }
+    }
+
+    mod avx512 {
+        use std::arch::x86_64::*;
+
+        use super::{K, load_transposed};
+
+        // Truth tables for vpternlogd, whose operands x, y, z index the table as bits 2, 1, 0.
+        const X: i32 = 0xF0;
+        const Y: i32 = 0xCC;
+        const Z: i32 = 0xAA;
+
+        #[inline]
+        #[target_feature(enable = "avx2,avx512f,avx512vl")]
+        fn f(x: __m256i, y: __m256i, z: __m256i) -> __m256i {
+            _mm256_ternarylogic_epi32::<{ (X & Y) | (!X & Z) & 0xFF }>(x, y, z)
+        }
+        #[inline]
+        #[target_feature(enable = "avx2,avx512f,avx512vl")]
+        fn g(x: __m256i, y: __m256i, z: __m256i) -> __m256i {
+            _mm256_ternarylogic_epi32::<{ (X & Z) | (Y & !Z) & 0xFF }>(x, y, z)
+        }
+        #[inline]
+        #[target_feature(enable = "avx2,avx512f,avx512vl")]
+        fn h(x: __m256i, y: __m256i, z: __m256i) -> __m256i {
+            _mm256_ternarylogic_epi32::<{ X ^ Y ^ Z }>(x, y, z)
+        }
+        #[inline]
+        #[target_feature(enable = "avx2,avx512f,avx512vl")]
+        fn i(x: __m256i, y: __m256i, z: __m256i) -> __m256i {
+            _mm256_ternarylogic_epi32::<{ (Y ^ (X | !Z)) & 0xFF }>(x, y, z)
+        }
+        #[inline]
+        #[target_feature(enable = "avx2,avx512f,avx512vl")]
+        fn rotl<const L: i32, const R: i32>(x: __m256i) -> __m256i {
+            _mm256_rol_epi32::<L>(x)
+        }
+
+        #[target_feature(enable = "avx2,avx512f,avx512vl")]
+        pub(super) fn compress(state: &mut [[u32; 8]; 4], blocks: [&[u8]; 8]) {
+            md5_block!(state, blocks, f, g, h, i, rotl)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    fn messages() -> impl Strategy<Value = Vec<Vec<u8>>> {
+        // Lengths around every padding boundary (55, 56, 63, 64, 119, 120) and a few blocks.
+        prop::collection::vec(prop::collection::vec(any::<u8>(), 0..300), 0..20)
+    }
+
+    fn check(kernel: fn(&[&[u8]]) -> Vec<[u8; 16]>, messages: &[Vec<u8>]) {
+        let refs: Vec<&[u8]> = messages.iter().map(Vec::as_slice).collect();
+        assert_eq!(kernel(&refs), scalar(&refs));
+    }
+
+    #[test]
+    fn every_length_up_to_three_blocks() {
+        let data: Vec<u8> = (0..=200u8).collect();
+        let all: Vec<Vec<u8>> = (0..=200).map(|n| data[..n].to_vec()).collect();
+        check(md5_many, &all);
+        #[cfg(target_arch = "x86_64")]
+        {
+            if is_x86_feature_detected!("avx2") {
+                check(x86::with_avx2, &all);
+            }
+            if is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512vl") {
+                check(x86::with_avx512, &all);
+            }
+        }
+    }
+
+    #[test]
+    fn rfc_1321_test_suite() {
+        let digests = md5_many(&[b"", b"abc", b"message digest"]);
+        let hex: Vec<String> = digests
+            .iter()
+            .map(|d| d.iter().map(|b| format!("{b:02x}")).collect())
+            .collect();
+        assert_eq!(
+            hex,
+            [
+                "d41d8cd98f00b204e9800998ecf8427e",
+                "900150983cd24fb0d6963f7d28e17f72",
+                "f96b697d7cb7938d525a2f31aaf161d0"
+            ]
+        );
+    }
+
+    proptest! {
+        #[test]
+        fn same_as_md5_crate(messages in messages()) {
+            check(md5_many, &messages);
+            #[cfg(target_arch = "x86_64")]
+            {
+                if is_x86_feature_detected!("avx2") {
+                    check(x86::with_avx2, &messages);
+                }
+                if is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512vl") {
+                    check(x86::with_avx512, &messages);
+                }
+            }
+        }
+    }
+}
