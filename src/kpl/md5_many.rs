@@ -29,10 +29,10 @@ use md5::{Digest, Md5};
 /// ```
 pub fn md5_many(messages: &[&[u8]]) -> Vec<[u8; 16]> {
     #[cfg(target_arch = "x86_64")]
-    if messages.len() > 1 {
-        if let Some(digests) = x86::md5_many(messages) {
-            return digests;
-        }
+    if messages.len() > 1
+        && let Some(digests) = x86::md5_many(messages)
+    {
+        return digests;
     }
     scalar(messages)
 }
