@@ -128,12 +128,15 @@ pub fn unpack(record: &EventRecord, settings: &Settings) -> Unpacked {
             decoded_len,
         }
     };
-    let data = match record.decode_data() {
-        Ok(data) => data,
-        Err(message) => {
-            // Passed through raw means the text as it came, since there are no decoded bytes.
-            let raw = record.data.clone().unwrap_or_default().into();
-            return corrupt(RecordErrorKind::Data(message), raw, 0);
+    let data = match &record.data {
+        Ok(data) => data.clone(),
+        // Passed through raw means the text as it came, since there are no decoded bytes.
+        Err(bad) => {
+            return corrupt(
+                RecordErrorKind::Data(bad.message.clone()),
+                bad.raw.clone(),
+                0,
+            );
         }
     };
     let decoded_len = data.len();
