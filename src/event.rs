@@ -164,7 +164,7 @@ struct Decoded(Result<Bytes, BadData>);
 
 impl FromJsonStr for Decoded {
     fn from_json_str(s: &str) -> Self {
-        let simd = if s.len() % 4 == 0 {
+        let simd = if s.len().is_multiple_of(4) {
             base64_simd::STANDARD
         } else {
             base64_simd::STANDARD_NO_PAD
