@@ -12,6 +12,8 @@ use kinesis_deagg::transform::{Builtin, BuiltinTransform};
 use kinesis_deagg::{Processor, Settings};
 
 fn main() {
+    // As the kinesis-deagg binary does.
+    assert!(kinesis_deagg::memory::retain_freed_memory());
     let settings = Settings {
         metrics: Switch::Off,
         ..Settings::default()

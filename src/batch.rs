@@ -11,13 +11,14 @@ use std::cell::Cell;
 use std::collections::{BTreeMap, HashMap};
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::{Instant, SystemTime};
 
 use aws_lambda_events::event::streams::KinesisEventResponse;
 use futures::{FutureExt, StreamExt};
 
 use crate::event::EventRecord;
-use crate::kpl::{DeaggError, Deaggregated, UserRecord, deaggregate_with};
+use crate::kpl::{DeaggError, Deaggregated, UserRecord, deaggregate_all, deaggregate_with};
 use crate::metrics::Metrics;
 use crate::settings::Settings;
 use crate::transform::{RecordContext, Transform};
@@ -110,6 +111,21 @@ pub struct Unpacked {
 /// assert!(unpacked.user_records.is_empty());
 /// ```
 pub fn unpack(record: &EventRecord, settings: &Settings) -> Unpacked {
+    let data = record.data.clone().unwrap_or_default();
+    unpack_from(
+        record,
+        deaggregate_with(data, settings.verify_checksum),
+        settings,
+    )
+}
+
+/// [`unpack`], given what deaggregation made of the record's data (which is ignored when the
+/// data did not decode).
+fn unpack_from(
+    record: &EventRecord,
+    deaggregated: Result<Deaggregated, DeaggError>,
+    settings: &Settings,
+) -> Unpacked {
     let seq = &record.sequence_number;
     let corrupt = |kind: RecordErrorKind, raw: bytes::Bytes, decoded_len| {
         let error = RecordError {
@@ -129,7 +145,7 @@ pub fn unpack(record: &EventRecord, settings: &Settings) -> Unpacked {
         }
     };
     let data = match &record.data {
-        Ok(data) => data.clone(),
+        Ok(data) => data,
         // Passed through raw means the text as it came, since there are no decoded bytes.
         Err(bad) => {
             return corrupt(
@@ -145,7 +161,7 @@ pub fn unpack(record: &EventRecord, settings: &Settings) -> Unpacked {
         outcome,
         decoded_len,
     };
-    match deaggregate_with(data.clone(), settings.verify_checksum) {
+    match deaggregated {
         Ok(Deaggregated::Plain(data)) => plain(data, RecordOutcome::Plain),
         Ok(Deaggregated::ChecksumMismatch(data)) => {
             tracing::warn!(
@@ -167,7 +183,7 @@ pub fn unpack(record: &EventRecord, settings: &Settings) -> Unpacked {
             outcome: RecordOutcome::Aggregated,
             decoded_len,
         },
-        Err(e) => corrupt(e.into(), data, decoded_len),
+        Err(e) => corrupt(e.into(), data.clone(), decoded_len),
     }
 }
 
@@ -329,14 +345,20 @@ pub async fn process<T: Transform>(
         reason: Cell::new(None),
     };
     let metrics = Metrics::default();
-    let mut items = Vec::new();
-    for (index, record) in records.iter().enumerate() {
+    let data: Vec<bytes::Bytes> = records
+        .iter()
+        .map(|r| r.data.clone().unwrap_or_default())
+        .collect();
+    let deaggregated = deaggregate_all(&data, settings.verify_checksum);
+    drop(data);
+    let mut unpacked = Vec::with_capacity(records.len());
+    for ((index, record), deaggregated) in records.iter().enumerate().zip(deaggregated) {
         if let Some(t) = record.approximate_arrival {
             stats.oldest_arrival = Some(stats.oldest_arrival.map_or(t, |o| o.min(t)));
         }
-        let unpacked = unpack(record, settings);
-        stats.bytes += unpacked.decoded_len as u64;
-        let passed_through: Option<Arc<str>> = match &unpacked.outcome {
+        let u = unpack_from(record, deaggregated, settings);
+        stats.bytes += u.decoded_len as u64;
+        let passed_through: Option<Arc<str>> = match &u.outcome {
             RecordOutcome::Plain => None,
             RecordOutcome::Aggregated => {
                 stats.aggregated_records += 1;
@@ -363,60 +385,53 @@ pub async fn process<T: Transform>(
                 Some(error.kind.to_string().into())
             }
         };
-        let aggregated = matches!(unpacked.outcome, RecordOutcome::Aggregated);
-        for user in unpacked.user_records {
-            stats.user_records += 1;
-            stats.lossy_keys += user.has_lossy_keys() as u64;
-            let context = RecordContext {
-                sequence_number: record.sequence_number.clone(),
-                sub_sequence_number: user.sub_sequence_number(),
-                shard_id: record.shard_id.clone(),
-                stream_arn: record.event_source_arn.clone(),
-                approximate_arrival: record.approximate_arrival,
-                aggregated,
-                passed_through: passed_through.clone(),
-                metrics: metrics.clone(),
-            };
-            items.push(Item {
-                index,
-                record: user,
-                context,
-            });
-        }
+        stats.user_records += u.user_records.len() as u64;
+        stats.lossy_keys += u.user_records.iter().filter(|r| r.has_lossy_keys()).count() as u64;
+        unpacked.push((u, passed_through));
     }
+    // Contexts are made as records are reached, not all up front.
+    let items = unpacked.into_iter().zip(records).enumerate().flat_map(
+        |(index, ((u, passed_through), record))| {
+            let aggregated = matches!(u.outcome, RecordOutcome::Aggregated);
+            let metrics = &metrics;
+            u.user_records.into_iter().map(move |user| Item {
+                index,
+                context: RecordContext {
+                    sequence_number: record.sequence_number.clone(),
+                    sub_sequence_number: user.sub_sequence_number(),
+                    shard_id: record.shard_id.clone(),
+                    stream_arn: record.event_source_arn.clone(),
+                    approximate_arrival: record.approximate_arrival,
+                    aggregated,
+                    passed_through: passed_through.clone(),
+                    metrics: metrics.clone(),
+                },
+                record: user,
+            })
+        },
+    );
 
     let stop_at = deadline.map(|d| d.checked_sub(settings.deadline_margin()).unwrap_or(d));
-    let succeeded = Cell::new(0u64);
-    let failed = Cell::new(0u64);
-    let run_lane = |lane: Vec<Item>| async {
-        for item in lane {
-            if item.index >= floor.index.get() {
-                break;
-            }
-            match call(transform, item.record, item.context, stop_at).await {
-                Ok(()) => succeeded.set(succeeded.get() + 1),
-                Err(reason) => {
-                    if reason != StopReason::Deadline {
-                        failed.set(failed.get() + 1);
-                    }
-                    floor.lower(item.index, reason);
-                    break;
-                }
-            }
-        }
+    let run = Run {
+        transform,
+        records,
+        floor: &floor,
+        stop_at,
+        succeeded: Cell::new(0),
+        failed: Cell::new(0),
     };
     match settings.mode {
-        Mode::Ordered => run_lane(items).await,
+        Mode::Ordered => run.lane(items).await,
         Mode::Concurrent => {
             futures::stream::iter(lanes_by_partition_key(items))
-                .map(run_lane)
+                .map(|lane| run.lane(lane.into_iter()))
                 .buffer_unordered(settings.concurrency.into())
                 .collect::<()>()
                 .await
         }
     }
-    stats.succeeded = succeeded.get();
-    stats.failed = failed.get();
+    stats.succeeded = run.succeeded.get();
+    stats.failed = run.failed.get();
     let index = floor.index.get();
     let failure = records.get(index).map(|r| Failure {
         sequence_number: r.sequence_number.clone(),
@@ -441,8 +456,40 @@ pub async fn process<T: Transform>(
     }
 }
 
+/// What the lanes of one batch share.
+struct Run<'a, T> {
+    transform: &'a T,
+    records: &'a [EventRecord],
+    floor: &'a Floor,
+    stop_at: Option<Instant>,
+    succeeded: Cell<u64>,
+    failed: Cell<u64>,
+}
+
+impl<T: Transform> Run<'_, T> {
+    /// Runs the transform on `items` in order, until one fails or the floor is reached.
+    async fn lane(&self, items: impl Iterator<Item = Item>) {
+        for item in items {
+            if item.index >= self.floor.index.get() {
+                break;
+            }
+            let seq = &self.records[item.index].sequence_number;
+            match call(self.transform, item.record, item.context, seq, self.stop_at).await {
+                Ok(()) => self.succeeded.set(self.succeeded.get() + 1),
+                Err(reason) => {
+                    if reason != StopReason::Deadline {
+                        self.failed.set(self.failed.get() + 1);
+                    }
+                    self.floor.lower(item.index, reason);
+                    break;
+                }
+            }
+        }
+    }
+}
+
 /// Splits items into one lane per partition key, each in batch order.
-fn lanes_by_partition_key(items: Vec<Item>) -> Vec<Vec<Item>> {
+fn lanes_by_partition_key(items: impl Iterator<Item = Item>) -> Vec<Vec<Item>> {
     let mut lane_of: HashMap<Arc<str>, usize> = HashMap::new();
     let mut lanes: Vec<Vec<Item>> = Vec::new();
     for item in items {
@@ -462,25 +509,28 @@ async fn call<T: Transform>(
     transform: &T,
     record: UserRecord,
     context: RecordContext,
+    seq: &str,
     stop_at: Option<Instant>,
 ) -> Result<(), StopReason> {
-    let seq = context.sequence_number.clone();
     let sub = context.sub_sequence_number;
     // tokio's clock (the same as std's, unless a test pauses it).
     if stop_at.is_some_and(|t| tokio::time::Instant::now() >= t.into()) {
         tracing::warn!(sequence_number = %seq, sub_sequence_number = sub, "deadline margin reached before record {seq}; stopping");
         return Err(StopReason::Deadline);
     }
-    let run = AssertUnwindSafe(transform.call(record, context)).catch_unwind();
-    let result = match stop_at {
-        Some(t) => match tokio::time::timeout_at(t.into(), run).await {
+    let mut run = std::pin::pin!(AssertUnwindSafe(transform.call(record, context)).catch_unwind());
+    // Most transforms finish on their first poll; only one that waits races the deadline,
+    // which saves setting a timer per user record.
+    let result = match (futures::poll!(&mut run), stop_at) {
+        (Poll::Ready(result), _) => result,
+        (Poll::Pending, None) => run.await,
+        (Poll::Pending, Some(t)) => match tokio::time::timeout_at(t.into(), run).await {
             Ok(result) => result,
             Err(_) => {
                 tracing::warn!(sequence_number = %seq, sub_sequence_number = sub, "deadline margin reached while the transform ran on record {seq}; abandoning it");
                 return Err(StopReason::Deadline);
             }
         },
-        None => run.await,
     };
     match result {
         Ok(Ok(())) => Ok(()),

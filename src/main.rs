@@ -100,6 +100,7 @@ struct AggregateArgs {
 }
 
 fn main() -> ExitCode {
+    kinesis_deagg::memory::retain_freed_memory();
     let cli = Cli::parse();
     init_logging();
     match run(cli) {
