@@ -82,8 +82,8 @@ async fn faulty(record: UserRecord, ctx: RecordContext) -> Result<(), Error> {
         )
     });
     let line = serde_json::json!({
-        "shard": ctx.shard_id.as_deref(), "seq": &*ctx.sequence_number,
-        "sub": ctx.sub_sequence_number, "data": text,
+        "shard": ctx.shard_id(), "seq": ctx.sequence_number(),
+        "sub": ctx.sub_sequence_number(), "data": text,
     });
     // One write per line, on a file opened for appending: lines stay whole.
     log.lock()

@@ -61,9 +61,9 @@ async fn store_order(record: UserRecord, ctx: RecordContext) -> Result<(), Error
         order: event.order,
         status: &event.status,
         idempotency_key: ctx.idempotency_key(),
-        shard: ctx.shard_id.as_deref(),
+        shard: ctx.shard_id(),
         arrived_ms: ctx
-            .approximate_arrival
+            .approximate_arrival()
             .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
             .map(|d| d.as_millis()),
     };

@@ -21,7 +21,7 @@ use crate::event::EventRecord;
 use crate::kpl::{DeaggError, Deaggregated, UserRecord, deaggregate_all, deaggregate_with};
 use crate::metrics::Metrics;
 use crate::settings::Settings;
-use crate::transform::{RecordContext, Transform};
+use crate::transform::{KinesisRecordInfo, RecordContext, Transform};
 
 /// What happens to a record whose base64 is invalid or whose aggregate is corrupt
 /// (`DEAGG_ON_CORRUPT`).
@@ -392,20 +392,18 @@ pub async fn process<T: Transform>(
     // Contexts are made as records are reached, not all up front.
     let items = unpacked.into_iter().zip(records).enumerate().flat_map(
         |(index, ((u, passed_through), record))| {
-            let aggregated = matches!(u.outcome, RecordOutcome::Aggregated);
-            let metrics = &metrics;
+            let info = Arc::new(KinesisRecordInfo {
+                sequence_number: record.sequence_number.clone(),
+                shard_id: record.shard_id.clone(),
+                stream_arn: record.event_source_arn.clone(),
+                approximate_arrival: record.approximate_arrival,
+                aggregated: matches!(u.outcome, RecordOutcome::Aggregated),
+                passed_through,
+                metrics: metrics.clone(),
+            });
             u.user_records.into_iter().map(move |user| Item {
                 index,
-                context: RecordContext {
-                    sequence_number: record.sequence_number.clone(),
-                    sub_sequence_number: user.sub_sequence_number(),
-                    shard_id: record.shard_id.clone(),
-                    stream_arn: record.event_source_arn.clone(),
-                    approximate_arrival: record.approximate_arrival,
-                    aggregated,
-                    passed_through: passed_through.clone(),
-                    metrics: metrics.clone(),
-                },
+                context: RecordContext::of(&info, user.sub_sequence_number()),
                 record: user,
             })
         },
@@ -512,7 +510,7 @@ async fn call<T: Transform>(
     seq: &str,
     stop_at: Option<Instant>,
 ) -> Result<(), StopReason> {
-    let sub = context.sub_sequence_number;
+    let sub = context.sub_sequence_number();
     // tokio's clock (the same as std's, unless a test pauses it).
     if stop_at.is_some_and(|t| tokio::time::Instant::now() >= t.into()) {
         tracing::warn!(sequence_number = %seq, sub_sequence_number = sub, "deadline margin reached before record {seq}; stopping");

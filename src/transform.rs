@@ -17,29 +17,26 @@ use crate::metrics::Metrics;
 pub type Error = Box<dyn std::error::Error + Send + Sync>;
 
 /// What a transform knows about the user record it is given, besides the record itself.
+///
+/// All user records of one Kinesis record share its details behind one reference count, so a
+/// context costs one increment to make: it is made once per user record, up to a few hundred
+/// thousand times per invocation.
 #[derive(Clone, Debug)]
-#[non_exhaustive]
 pub struct RecordContext {
-    /// Sequence number of the Kinesis record holding the user record: what Lambda is told
-    /// when the user record fails.
-    pub sequence_number: Arc<str>,
-    /// Position of the user record in its aggregate; `None` for a record that was not one.
-    pub sub_sequence_number: Option<u64>,
-    /// The shard, from the event's `eventID`.
-    pub shard_id: Option<Arc<str>>,
-    /// The stream's ARN (`eventSourceARN`).
-    pub stream_arn: Option<Arc<str>>,
-    /// When Kinesis received the Kinesis record.
-    pub approximate_arrival: Option<SystemTime>,
-    /// True when the user record came out of a KPL aggregate.
-    pub aggregated: bool,
-    /// Set when the record is delivered raw although it looked like something else (a corrupt
-    /// aggregate or invalid base64 under `DEAGG_ON_CORRUPT=passthrough`, or a checksum
-    /// mismatch): the reason, as logged.
-    pub passed_through: Option<Arc<str>>,
-    /// Counters for the invocation's metrics document, shared by all user records of the
-    /// batch: `ctx.metrics.add("OrdersStored", 1.0)`.
-    pub metrics: Metrics,
+    record: Arc<KinesisRecordInfo>,
+    sub_sequence_number: Option<u64>,
+}
+
+/// The details of one Kinesis record that its user records share.
+#[derive(Debug)]
+pub(crate) struct KinesisRecordInfo {
+    pub(crate) sequence_number: Arc<str>,
+    pub(crate) shard_id: Option<Arc<str>>,
+    pub(crate) stream_arn: Option<Arc<str>>,
+    pub(crate) approximate_arrival: Option<SystemTime>,
+    pub(crate) aggregated: bool,
+    pub(crate) passed_through: Option<Arc<str>>,
+    pub(crate) metrics: Metrics,
 }
 
 impl RecordContext {
@@ -50,21 +47,80 @@ impl RecordContext {
     ///
     /// ```
     /// use kinesis_deagg::transform::RecordContext;
-    /// let mut ctx = RecordContext::new("4959");
-    /// ctx.sub_sequence_number = Some(3);
+    /// let ctx = RecordContext::new("4959").with_sub_sequence_number(3);
     /// assert_eq!(ctx.idempotency_key(), "4959:3");
+    /// assert_eq!(ctx.shard_id(), None);
     /// ```
     pub fn new(sequence_number: &str) -> Self {
         RecordContext {
-            sequence_number: sequence_number.into(),
+            record: Arc::new(KinesisRecordInfo {
+                sequence_number: sequence_number.into(),
+                shard_id: None,
+                stream_arn: None,
+                approximate_arrival: None,
+                aggregated: false,
+                passed_through: None,
+                metrics: Metrics::default(),
+            }),
             sub_sequence_number: None,
-            shard_id: None,
-            stream_arn: None,
-            approximate_arrival: None,
-            aggregated: false,
-            passed_through: None,
-            metrics: Metrics::default(),
         }
+    }
+
+    pub(crate) fn of(record: &Arc<KinesisRecordInfo>, sub_sequence_number: Option<u64>) -> Self {
+        RecordContext {
+            record: record.clone(),
+            sub_sequence_number,
+        }
+    }
+
+    /// The same context for user record `n` of the aggregate.
+    pub fn with_sub_sequence_number(mut self, n: u64) -> Self {
+        self.sub_sequence_number = Some(n);
+        self
+    }
+
+    /// Sequence number of the Kinesis record holding the user record: what Lambda is told
+    /// when the user record fails.
+    pub fn sequence_number(&self) -> &str {
+        &self.record.sequence_number
+    }
+
+    /// Position of the user record in its aggregate; `None` for a record that was not one.
+    pub fn sub_sequence_number(&self) -> Option<u64> {
+        self.sub_sequence_number
+    }
+
+    /// The shard, from the event's `eventID`.
+    pub fn shard_id(&self) -> Option<&str> {
+        self.record.shard_id.as_deref()
+    }
+
+    /// The stream's ARN (`eventSourceARN`).
+    pub fn stream_arn(&self) -> Option<&str> {
+        self.record.stream_arn.as_deref()
+    }
+
+    /// When Kinesis received the Kinesis record.
+    pub fn approximate_arrival(&self) -> Option<SystemTime> {
+        self.record.approximate_arrival
+    }
+
+    /// True when the user record came out of a KPL aggregate.
+    pub fn aggregated(&self) -> bool {
+        self.record.aggregated
+    }
+
+    /// Set when the record is delivered raw although it looked like something else (a corrupt
+    /// aggregate or invalid base64 under `DEAGG_ON_CORRUPT=passthrough`, or a checksum
+    /// mismatch): the reason, as logged.
+    pub fn passed_through(&self) -> Option<&str> {
+        self.record.passed_through.as_deref()
+    }
+
+    /// Counters for the invocation's metrics document, shared by all user records of the
+    /// batch: `ctx.metrics().add("OrdersStored", 1.0)`.
+    pub fn metrics(&self) -> &Metrics {
+        &self.record.metrics
     }
 
     /// A key that names this user record across retries: the sequence number, plus
@@ -75,8 +131,8 @@ impl RecordContext {
     /// this key (or make its effect idempotent some other way).
     pub fn idempotency_key(&self) -> String {
         match self.sub_sequence_number {
-            Some(sub) => format!("{}:{sub}", self.sequence_number),
-            None => self.sequence_number.to_string(),
+            Some(sub) => format!("{}:{sub}", self.sequence_number()),
+            None => self.sequence_number().to_string(),
         }
     }
 }
@@ -171,8 +227,8 @@ impl Transform for BuiltinTransform {
         match self.kind {
             Builtin::Log => {
                 tracing::info!(
-                    sequence_number = %context.sequence_number,
-                    sub_sequence_number = context.sub_sequence_number,
+                    sequence_number = context.sequence_number(),
+                    sub_sequence_number = context.sub_sequence_number(),
                     partition_key = record.partition_key(),
                     explicit_hash_key = record.explicit_hash_key(),
                     bytes = record.data().len(),
@@ -181,7 +237,7 @@ impl Transform for BuiltinTransform {
                 );
             }
             Builtin::Echo => {
-                let line = decode_line(&record, &context.sequence_number);
+                let line = decode_line(&record, context.sequence_number());
                 // A closed stdout is this record's failure, not a panic.
                 writeln!(std::io::stdout().lock(), "{line}")?;
             }
@@ -274,9 +330,8 @@ mod tests {
 
     #[test]
     fn idempotency_keys_differ_per_user_record() {
-        let mut c = RecordContext::new("9");
+        let c = RecordContext::new("9");
         assert_eq!(c.idempotency_key(), "9");
-        c.sub_sequence_number = Some(0);
-        assert_eq!(c.idempotency_key(), "9:0");
+        assert_eq!(c.with_sub_sequence_number(0).idempotency_key(), "9:0");
     }
 }

@@ -261,11 +261,11 @@ async fn a_transforms_own_counters_are_in_the_document() {
         plain("2", "k", b"{\"ok\":false}"),
     ]);
     let counting = |r: UserRecord, c: RecordContext| async move {
-        c.metrics.add("OrdersSeen", 1.0);
+        c.metrics().add("OrdersSeen", 1.0);
         if r.data().ends_with(b"false}") {
-            c.metrics.add("OrdersRejected", 1.0);
+            c.metrics().add("OrdersRejected", 1.0);
         }
-        c.metrics.add("UserRecords", 100.0); // clashes with a built-in: left out
+        c.metrics().add("UserRecords", 100.0); // clashes with a built-in: left out
         Ok::<(), Error>(())
     };
     let outcome = batch::process(&e.records, &counting, &Settings::default(), None).await;
@@ -284,7 +284,7 @@ async fn no_directive_ever_holds_more_than_100_metrics() {
     let e = event(vec![plain("1", "k", b"x")]);
     let many = |_: UserRecord, c: RecordContext| async move {
         for i in 0..150 {
-            c.metrics.add(&format!("Custom{i:03}"), 1.0);
+            c.metrics().add(&format!("Custom{i:03}"), 1.0);
         }
         Ok::<(), Error>(())
     };

@@ -25,8 +25,8 @@ fn recording(
         let seen = seen.clone();
         Box::pin(async move {
             seen.borrow_mut().push((
-                c.sequence_number.to_string(),
-                c.sub_sequence_number,
+                c.sequence_number().to_string(),
+                c.sub_sequence_number(),
                 r.data().to_vec(),
             ));
             match &r.data()[..] {
@@ -310,7 +310,7 @@ async fn the_concurrent_mode_keeps_order_within_a_key_and_overlaps_keys() {
                     f.1 = f.1.max(f.0);
                 }
                 // Later keys sleep less, so without per-key ordering they would overtake.
-                let n: u64 = c.sequence_number.parse().unwrap();
+                let n: u64 = c.sequence_number().parse().unwrap();
                 tokio::time::sleep(Duration::from_millis(5 + (30 - n) % 7)).await;
                 in_flight.borrow_mut().0 -= 1;
                 order
