@@ -14,12 +14,12 @@ mod aggregate;
 #[allow(unsafe_code)]
 mod md5_many;
 mod messages;
+mod wire;
 
 use std::sync::Arc;
 
 use bytes::Bytes;
 use md5::{Digest, Md5};
-use prost::Message;
 
 pub use aggregate::{AggregateError, AggregatedRecord, Aggregator};
 pub use md5_many::md5_many;
@@ -366,25 +366,27 @@ fn finish(data: Bytes, checksum_matches: Option<bool>) -> Result<Deaggregated, D
         return Ok(Deaggregated::ChecksumMismatch(data));
     }
     let body = data.slice(MAGIC.len()..data.len() - DIGEST_LEN);
-    let message = messages::AggregatedRecord::decode(body).map_err(|e| DeaggError::Protobuf {
-        message: e.to_string(),
-    })?;
-    split(message).map(Deaggregated::Aggregated)
+    let aggregate =
+        wire::read_aggregate(&body).map_err(|message| DeaggError::Protobuf { message })?;
+    split(&body, aggregate).map(Deaggregated::Aggregated)
 }
 
 /// A key table turned into shared strings once, so user records can share them.
-fn key_table(raw: Vec<Bytes>) -> Vec<(Arc<str>, bool)> {
-    raw.into_iter()
-        .map(|k| match std::str::from_utf8(&k) {
+fn key_table(body: &[u8], raw: &[std::ops::Range<usize>]) -> Vec<(Arc<str>, bool)> {
+    raw.iter()
+        .map(|k| match std::str::from_utf8(&body[k.clone()]) {
             Ok(s) => (Arc::from(s), false),
-            Err(_) => (Arc::from(String::from_utf8_lossy(&k).as_ref()), true),
+            Err(_) => (
+                Arc::from(String::from_utf8_lossy(&body[k.clone()]).as_ref()),
+                true,
+            ),
         })
         .collect()
 }
 
-fn split(message: messages::AggregatedRecord) -> Result<Vec<UserRecord>, DeaggError> {
-    let partition_keys = key_table(message.partition_key_table);
-    let explicit_hash_keys = key_table(message.explicit_hash_key_table);
+fn split(body: &Bytes, message: wire::RawAggregate) -> Result<Vec<UserRecord>, DeaggError> {
+    let partition_keys = key_table(body, &message.partition_key_table);
+    let explicit_hash_keys = key_table(body, &message.explicit_hash_key_table);
     let lookup = |table: &[(Arc<str>, bool)], index: u64| -> Option<(Arc<str>, bool)> {
         usize::try_from(index)
             .ok()
@@ -401,7 +403,7 @@ fn split(message: messages::AggregatedRecord) -> Result<Vec<UserRecord>, DeaggEr
         let pk_index = record
             .partition_key_index
             .ok_or_else(|| missing("partition_key_index"))?;
-        let data = record.data.ok_or_else(|| missing("data"))?;
+        let data = body.slice(record.data.ok_or_else(|| missing("data"))?);
         let (partition_key, pk_lossy) =
             lookup(&partition_keys, pk_index).ok_or(DeaggError::PartitionKeyIndexOutOfRange {
                 sub_sequence_number,

@@ -1,5 +1,6 @@
 use super::*;
 use crate::kpl::messages::{AggregatedRecord as Pb, Record};
+use prost::Message;
 
 /// Magic, the protobuf bytes, and their MD5: a well-formed envelope around any bytes.
 fn envelope(protobuf: &[u8]) -> Bytes {
@@ -283,4 +284,143 @@ fn the_aggregator_fills_to_exactly_its_limit() {
     let r = agg.finish().unwrap();
     assert_eq!(r.data.len() + r.partition_key.len(), limit);
     assert!(agg.add("k", None, vec![0; fits + 1]).is_err());
+}
+
+/// The in-place reader (`wire.rs`) against prost on the same bytes: both accept or both
+/// reject, and what they accept reads the same.
+mod wire_matches_prost {
+    use proptest::prelude::*;
+
+    use super::*;
+    use crate::kpl::messages::Tag;
+
+    fn same(body: &[u8]) -> Result<(), TestCaseError> {
+        let ours = wire::read_aggregate(body);
+        let theirs = Pb::decode(body);
+        prop_assert_eq!(
+            ours.is_ok(),
+            theirs.is_ok(),
+            "ours {:?}",
+            ours.as_ref().err()
+        );
+        if let (Ok(ours), Ok(theirs)) = (ours, theirs) {
+            let read = |t: &[std::ops::Range<usize>]| -> Vec<Vec<u8>> {
+                t.iter().map(|r| body[r.clone()].to_vec()).collect()
+            };
+            let bytes = |t: &[Bytes]| -> Vec<Vec<u8>> { t.iter().map(|b| b.to_vec()).collect() };
+            prop_assert_eq!(
+                read(&ours.partition_key_table),
+                bytes(&theirs.partition_key_table)
+            );
+            prop_assert_eq!(
+                read(&ours.explicit_hash_key_table),
+                bytes(&theirs.explicit_hash_key_table)
+            );
+            prop_assert_eq!(ours.records.len(), theirs.records.len());
+            for (o, t) in ours.records.iter().zip(&theirs.records) {
+                prop_assert_eq!(o.partition_key_index, t.partition_key_index);
+                prop_assert_eq!(o.explicit_hash_key_index, t.explicit_hash_key_index);
+                let data = o.data.clone().map(|r| body[r].to_vec());
+                prop_assert_eq!(data, t.data.as_ref().map(|d| d.to_vec()));
+            }
+        }
+        Ok(())
+    }
+
+    /// Valid aggregates with tags, then some bytes of arbitrary fields (unknown tags, groups,
+    /// repeated scalars) appended at the top level.
+    fn aggregate() -> impl Strategy<Value = Vec<u8>> {
+        let key = prop::collection::vec(any::<u8>(), 0..4);
+        let record = (
+            prop::option::of(0u64..4),
+            prop::option::of(any::<u64>()),
+            prop::option::of(prop::collection::vec(any::<u8>(), 0..8)),
+            prop::collection::vec(
+                (prop::option::of(key.clone()), prop::option::of(key.clone())),
+                0..2,
+            ),
+        )
+            .prop_map(|(pk, ehk, data, tags)| Record {
+                partition_key_index: pk,
+                explicit_hash_key_index: ehk,
+                data: data.map(Bytes::from),
+                tags: tags
+                    .into_iter()
+                    .map(|(k, v)| Tag {
+                        key: k.map(Bytes::from),
+                        value: v.map(Bytes::from),
+                    })
+                    .collect(),
+            });
+        (
+            prop::collection::vec(key.clone(), 0..3),
+            prop::collection::vec(key, 0..2),
+            prop::collection::vec(record, 0..4),
+            prop::collection::vec(any::<u8>(), 0..6),
+        )
+            .prop_map(|(pks, ehks, records, tail)| {
+                let mut out = Pb {
+                    partition_key_table: pks.into_iter().map(Bytes::from).collect(),
+                    explicit_hash_key_table: ehks.into_iter().map(Bytes::from).collect(),
+                    records,
+                }
+                .encode_to_vec();
+                out.extend(tail);
+                out
+            })
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(2000))]
+
+        #[test]
+        fn on_arbitrary_bytes(body in prop::collection::vec(any::<u8>(), 0..64)) {
+            same(&body)?;
+        }
+
+        #[test]
+        fn on_aggregates_with_unknown_fields(body in aggregate()) {
+            same(&body)?;
+        }
+
+        #[test]
+        fn on_aggregates_with_a_byte_changed(body in aggregate(), at in any::<prop::sample::Index>(), byte in any::<u8>()) {
+            let mut body = body;
+            if !body.is_empty() {
+                let i = at.index(body.len());
+                body[i] = byte;
+            }
+            same(&body)?;
+        }
+
+        #[test]
+        fn on_aggregates_cut_short(body in aggregate(), at in any::<prop::sample::Index>()) {
+            let cut = at.index(body.len() + 1);
+            same(&body[..cut])?;
+        }
+    }
+
+    #[test]
+    fn on_ten_byte_varints() {
+        // Field 5 as a varint of 10 bytes: the 10th may only hold the 64th bit.
+        for last in [0x00, 0x01, 0x02, 0x7F, 0x80] {
+            let mut body = vec![0x28];
+            body.extend([0xFF; 9]);
+            body.push(last);
+            same(&body).unwrap();
+        }
+    }
+
+    #[test]
+    fn on_groups_nested_to_the_recursion_limit() {
+        // Field 5 as groups nested n deep: prost accepts 99 levels at the top, not 100.
+        for n in [1, 98, 99, 100, 101] {
+            let mut body = vec![0x2B; n]; // start group 5
+            body.extend(vec![0x2C; n]); // end group 5
+            same(&body).unwrap();
+        }
+        // An end group without a start, and a group left open.
+        same(&[0x2C]).unwrap();
+        same(&[0x2B, 0x08, 0x01]).unwrap();
+    }
 }
