@@ -43,6 +43,7 @@ fn main() {
         println!(
             "{}",
             serde_json::json!({"file": path, "median_ms": times[times.len() / 2],
+                               "min_ms": times[0], "max_ms": times[times.len() - 1],
                                "user_records": user_records, "bytes": body.len()})
         );
     }

@@ -102,18 +102,38 @@ impl<'de> Deserialize<'de> for KinesisEvent {
         #[derive(Deserialize)]
         struct Envelope {
             #[serde(rename = "Records")]
-            records: Vec<Lenient<RawRecord>>,
+            records: Records,
         }
-        let envelope = Envelope::deserialize(deserializer)?;
-        let records = envelope
-            .records
-            .into_iter()
-            .enumerate()
-            .map(|(i, raw)| {
-                EventRecord::from_raw(raw).map_err(|e| D::Error::custom(format!("record {i}: {e}")))
-            })
-            .collect::<Result<_, _>>()?;
-        Ok(KinesisEvent { records })
+        let Envelope { records } = Envelope::deserialize(deserializer)?;
+        Ok(KinesisEvent { records: records.0 })
+    }
+}
+
+/// The `Records` array, each record read and checked as it is reached (no list of raw
+/// records in between).
+struct Records(Vec<EventRecord>);
+
+impl<'de> Deserialize<'de> for Records {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct RecordsVisitor;
+        impl<'de> Visitor<'de> for RecordsVisitor {
+            type Value = Records;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("an array of records")
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Records, A::Error> {
+                let mut records = Vec::with_capacity(seq.size_hint().unwrap_or(0));
+                while let Some(raw) = seq.next_element::<Lenient<RawRecord>>()? {
+                    let i = records.len();
+                    records.push(
+                        EventRecord::from_raw(raw)
+                            .map_err(|e| A::Error::custom(format!("record {i}: {e}")))?,
+                    );
+                }
+                Ok(Records(records))
+            }
+        }
+        deserializer.deserialize_seq(RecordsVisitor)
     }
 }
 
@@ -152,9 +172,9 @@ trait FromJsonStr: Sized {
     fn from_json_str(s: &str) -> Self;
 }
 
-impl FromJsonStr for String {
+impl FromJsonStr for Arc<str> {
     fn from_json_str(s: &str) -> Self {
-        s.to_owned()
+        Arc::from(s)
     }
 }
 
@@ -182,7 +202,7 @@ impl FromJsonStr for Decoded {
 
 /// Any JSON value, kept only as far as a record needs it: strings and numbers as they are,
 /// anything else as the name of its type (nested values are skipped, not built).
-enum Loose<S = String> {
+enum Loose<S = Arc<str>> {
     Str(S),
     Num(f64),
     Other(&'static str),
@@ -325,7 +345,7 @@ impl EventRecord {
         };
         let [seq_name, data_name] = names;
         let sequence_number = match seq {
-            Some(Loose::Str(s)) if !s.is_empty() => Arc::from(s),
+            Some(Loose::Str(s)) if !s.is_empty() => s,
             Some(other) => {
                 return Err(format!(
                     "`{seq_name}` is not a non-empty string but {}",
@@ -347,7 +367,7 @@ impl EventRecord {
             None => Err(bad(format!("no `{data_name}` field"))),
         };
         let text = |v: Option<Loose>| match v {
-            Some(Loose::Str(s)) => Some(Arc::from(s)),
+            Some(Loose::Str(s)) => Some(s),
             _ => None,
         };
         let approximate_arrival = match arrival {
