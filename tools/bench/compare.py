@@ -8,10 +8,15 @@ Workloads (generated deterministically into target/bench/):
   W3     3,166 plain ~1 KB records
   W5     88 x 50 KB aggregates (the KPL's default aggregate size)
 
-Columns: median ms per event for ours (in-process: KinesisEvent::from_slice + Processor::handle
-with the discard transform), the official Python and Node modules doing the same work, and the
-bound (MD5 of the aggregates at `openssl speed -evp md5` speed + base64 decoding at the speed of
-the fastest decoder found here); then our user records/s and MB/s, and the ratios.
+Table 1, one core: median ms per event for ours (in-process: KinesisEvent::from_slice +
+Processor::handle with the discard transform), the official Python and Node modules doing the
+same work, and the bound (MD5 of the aggregates at `openssl speed -evp md5` speed + base64
+decoding at the speed of the fastest decoder found here); then our user records/s and MB/s,
+and the ratios.
+
+Table 2: ours in-process on two cores (taskset -c 0,1: the MD5s run beside the protobuf
+decoding), and the release binary through a local Runtime API on one core (the body sent over
+loopback included), its start-up to the first Runtime API request and its peak RSS.
 """
 import base64
 import binascii
@@ -28,6 +33,7 @@ OUT = os.path.join(ROOT, "target", "bench")
 VENV_PY = os.path.join(ROOT, ".venv", "bin", "python")
 DEAGG = os.path.join(ROOT, "target", "release", "kinesis-deagg")
 ONE_CORE = ["taskset", "-c", "0"] if shutil.which("taskset") else []
+TWO_CORES = ["taskset", "-c", "0,1"] if shutil.which("taskset") else []
 
 
 def sh(cmd, **kw):
@@ -115,8 +121,8 @@ def bound_ms(path, md5, b64):
     return (hashed / md5 + sum(map(len, datas)) / b64) * 1000
 
 
-def run(cmd, paths):
-    out = sh(ONE_CORE + cmd + list(paths.values()), cwd=ROOT)
+def run(cmd, paths, cores=ONE_CORE):
+    out = sh(cores + cmd + list(paths.values()), cwd=ROOT)
     by_file = {json.loads(l)["file"]: json.loads(l) for l in out.splitlines() if l.startswith("{")}
     return {name: by_file[p] for name, p in paths.items()}
 
@@ -125,6 +131,9 @@ def main():
     subprocess.run(["cargo", "build", "--release", "--quiet"], cwd=ROOT, check=True)
     paths = generate()
     ours = run(["cargo", "bench", "--quiet", "--bench", "workloads", "--"], paths)
+    ours2 = run(["cargo", "bench", "--quiet", "--bench", "workloads", "--"], paths, TWO_CORES)
+    # Pins itself (server on core 1, the function on core 0).
+    api = run([sys.executable, "tools/bench/runtime_api.py", DEAGG], paths, cores=[])
     python = run([VENV_PY, "tools/bench/python_deagg.py"], paths)
     node = run(["node", "tools/bench/node_deagg.js"], paths)
     md5 = md5_rate()
@@ -140,6 +149,13 @@ def main():
         mb = ours[name]["bytes"] / 1e6
         print(f"{name:8} {users:>9} {mb:>5.1f} | {o:>7.2f} {p:>7.2f} {n:>7.2f} {b:>6.2f}    | "
               f"{users / o * 1000:>9.0f} {mb / o * 1000:>6.0f} | {p / o:>7.2f} {n / o:>9.2f} {o / b:>10.2f}")
+    print()
+    print(f"{'workload':8} | {'2 cores':>7} {'/bound':>6} {'vs 1':>5} | {'runtime API':>11} {'start-up':>8} {'peak RSS':>8}")
+    for name, path in paths.items():
+        o, t = ours[name]["median_ms"], ours2[name]["median_ms"]
+        a = api[name]
+        print(f"{name:8} | {t:>7.2f} {t / bound_ms(path, md5, b64):>6.2f} {o / t:>5.2f} | "
+              f"{a['median_ms']:>8.2f} ms {a['startup_ms']:>5.1f} ms {a['peak_rss_mb']:>5.1f} MB")
 
 
 if __name__ == "__main__":
