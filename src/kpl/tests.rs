@@ -424,3 +424,76 @@ mod wire_matches_prost {
         same(&[0x2B, 0x08, 0x01]).unwrap();
     }
 }
+
+/// `deaggregate_all` gives what `deaggregate_with` gives record by record, on batches mixing
+/// aggregates, wrong checksums, corrupt protobuf and plain data.
+mod deaggregate_all_matches_one_by_one {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    /// An aggregate of `n` user records (at least one: an empty aggregator writes nothing).
+    fn aggregate_of(n: usize, size: usize, seed: u8) -> Bytes {
+        let mut agg = Aggregator::new();
+        for i in 0..n.max(1) {
+            agg.add(
+                &format!("k{i}"),
+                None,
+                vec![seed.wrapping_add(i as u8); size],
+            )
+            .unwrap();
+        }
+        agg.finish().unwrap().data
+    }
+
+    /// One record of each kind, chosen by `kind`.
+    fn record(kind: u8, n: usize, seed: u8) -> Bytes {
+        let good = aggregate_of(n, 30, seed);
+        match kind % 5 {
+            0 => good,
+            1 => {
+                // The checksum no longer matches.
+                let mut bad = good.to_vec();
+                let last = bad.len() - 1;
+                bad[last] ^= 1;
+                bad.into()
+            }
+            // A right checksum over bytes that are not an aggregate.
+            2 => envelope(&[0xFF, 0xFF, seed]),
+            3 => Bytes::from(vec![seed; n]),
+            _ => Bytes::new(),
+        }
+    }
+
+    fn check(records: &[Bytes]) {
+        for verify in [true, false] {
+            let one_by_one: Vec<_> = records
+                .iter()
+                .map(|r| deaggregate_with(r.clone(), verify))
+                .collect();
+            assert_eq!(deaggregate_all(records, verify), one_by_one);
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn on_mixed_batches(kinds in prop::collection::vec((any::<u8>(), 0usize..20, any::<u8>()), 0..12)) {
+            let records: Vec<Bytes> = kinds.iter().map(|&(k, n, s)| record(k, n, s)).collect();
+            check(&records);
+        }
+    }
+
+    #[test]
+    fn on_a_batch_big_enough_for_a_second_thread() {
+        // 12 aggregates of ~40 KiB (past the 64 KiB threshold), one with a wrong checksum.
+        let mut records: Vec<Bytes> = (0..12).map(|i| aggregate_of(200, 200, i)).collect();
+        let mut bad = records[5].to_vec();
+        bad[10] ^= 0x40;
+        records[5] = bad.into();
+        check(&records);
+        assert!(matches!(
+            deaggregate_all(&records, true)[5],
+            Ok(Deaggregated::ChecksumMismatch(_))
+        ));
+    }
+}
