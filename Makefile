@@ -96,9 +96,11 @@ bench: deps ## The handler vs the official Python and Node deaggregators and the
 bench-kpl: ## Criterion benchmarks of deaggregation and the handler (benches/deaggregate.rs).
 	cargo bench --bench deaggregate
 
-fuzz: ## Fuzz the deaggregator and the event parser, FUZZ_SECONDS each (cargo +nightly fuzz).
-	cd fuzz && cargo +nightly fuzz run -O deaggregate seeds/deaggregate -- -max_total_time=$(FUZZ_SECONDS)
-	cd fuzz && cargo +nightly fuzz run -O event seeds/event -- -max_total_time=$(FUZZ_SECONDS)
+fuzz: ## Fuzz the deaggregator, the event parser and md5_many, FUZZ_SECONDS each (cargo +nightly fuzz).
+	for t in deaggregate event md5_many; do \
+	  mkdir -p fuzz/corpus/$$t && \
+	  (cd fuzz && cargo +nightly fuzz run -O $$t corpus/$$t seeds/$$t -- -max_total_time=$(FUZZ_SECONDS)) || exit 1; \
+	done
 
 deps: $(VENV)/.test-stamp node_modules/.stamp ## Install the test tools (pinned) into .venv and node_modules.
 

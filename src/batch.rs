@@ -135,7 +135,9 @@ fn unpack_from(
         let action = settings.on_corrupt;
         tracing::error!(sequence_number = %seq, action = ?action, "{error}");
         let user_records = match action {
-            OnCorrupt::Passthrough => vec![UserRecord::plain(&record.partition_key, None, raw)],
+            OnCorrupt::Passthrough => {
+                vec![UserRecord::plain_shared(record.partition_key.clone(), raw)]
+            }
             OnCorrupt::Fail | OnCorrupt::Skip => vec![],
         };
         Unpacked {
@@ -157,7 +159,7 @@ fn unpack_from(
     };
     let decoded_len = data.len();
     let plain = |data, outcome| Unpacked {
-        user_records: vec![UserRecord::plain(&record.partition_key, None, data)],
+        user_records: vec![UserRecord::plain_shared(record.partition_key.clone(), data)],
         outcome,
         decoded_len,
     };

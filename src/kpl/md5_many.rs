@@ -8,9 +8,9 @@
 //!
 //! Kernels, chosen at run time: AVX-512VL (one-instruction rotates and boolean functions),
 //! else AVX2, else (other CPUs, or a single message, where a lane is slower than the scalar
-//! code) the `md-5` crate one message at a time. Every kernel is tested against `md-5` on
-//! arbitrary message sets (`tests` below, and the `deaggregate`/`event` fuzz targets go
-//! through [`md5_many`]).
+//! code) the `md-5` crate one message at a time. No NEON kernel yet: on Graviton the
+//! scalar path runs. Every kernel is tested against `md-5` on arbitrary message sets (`tests`
+//! below), and the `md5_many` fuzz target compares the CPU's own choice with `md-5`.
 //!
 //! This is the only `unsafe` code of the crate: SIMD intrinsics behind a CPU feature check, and
 //! reads of exactly 64 bytes from block pointers that the scheduler takes from live slices.

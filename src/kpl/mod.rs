@@ -65,6 +65,17 @@ impl UserRecord {
         }
     }
 
+    /// [`UserRecord::plain`] with a key already shared (no copy of it).
+    pub(crate) fn plain_shared(partition_key: Arc<str>, data: Bytes) -> Self {
+        UserRecord {
+            sub_sequence_number: None,
+            partition_key,
+            explicit_hash_key: None,
+            data,
+            lossy_keys: false,
+        }
+    }
+
     /// The 0-based position of this user record in its aggregate; `None` when the Kinesis record
     /// was not an aggregate.
     pub fn sub_sequence_number(&self) -> Option<u64> {

@@ -121,6 +121,21 @@ def bound_ms(path, md5, b64):
     return (hashed / md5 + sum(map(len, datas)) / b64) * 1000
 
 
+# The cost note: 200 billion user records a month on x86_64 at 1,769 MB (one full vCPU), at
+# us-east-1 list prices (first tier): $0.0000166667 per GB-second, $0.20 per million requests.
+USER_RECORDS_PER_MONTH = 200e9
+MEMORY_GB = 1769 / 1024
+PRICE_GB_S = 0.0000166667
+PRICE_REQUEST = 0.20 / 1e6
+
+
+def monthly_cost(ms_per_event, user_records_per_event):
+    """Compute (GB-s) and request cost of the month at this speed; billed per started ms."""
+    events = USER_RECORDS_PER_MONTH / user_records_per_event
+    billed_s = events * -(-ms_per_event // 1) / 1000
+    return billed_s * MEMORY_GB * PRICE_GB_S + events * PRICE_REQUEST
+
+
 def run(cmd, paths, cores=ONE_CORE):
     out = sh(cores + cmd + list(paths.values()), cwd=ROOT)
     by_file = {json.loads(l)["file"]: json.loads(l) for l in out.splitlines() if l.startswith("{")}
@@ -156,6 +171,14 @@ def main():
         a = api[name]
         print(f"{name:8} | {t:>7.2f} {t / bound_ms(path, md5, b64):>6.2f} {o / t:>5.2f} | "
               f"{a['median_ms']:>8.2f} ms {a['startup_ms']:>5.1f} ms {a['peak_rss_mb']:>5.1f} MB")
+    print()
+    print(f"200 billion user records a month like W1's, x86_64, 1,769 MB, ${PRICE_GB_S}/GB-s + $0.20 per million requests:")
+    users = ours["W1"]["user_records"]
+    for who, ms in [("ours, through the Runtime API", api["W1"]["median_ms"]),
+                    ("ours, in-process", ours["W1"]["median_ms"]),
+                    ("official Python module, in-process", python["W1"]["median_ms"]),
+                    ("official Node module, in-process", node["W1"]["median_ms"])]:
+        print(f"  {who:36} {ms:>7.2f} ms per event of {users} -> ${monthly_cost(ms, users):>8.2f} a month")
 
 
 if __name__ == "__main__":
