@@ -1,4 +1,6 @@
-//! The protobuf messages of the KPL aggregation format, derived by hand with prost.
+//! The protobuf messages of the KPL aggregation format, derived by hand with prost. The
+//! [`Aggregator`](super::Aggregator) encodes with them; deaggregation reads the same wire
+//! format in place (`wire.rs`) and is tested against them.
 //!
 //! See `messages.proto` beside this file for the wire format and why `string` fields are read
 //! as `bytes` and `required` fields as `optional` here.

@@ -177,7 +177,7 @@ pub enum DeaggError {
     /// The protobuf does not decode (truncated, wrong wire type, ...).
     #[error("aggregate does not decode as protobuf: {message}")]
     Protobuf {
-        /// prost's description, with the path of the failing field.
+        /// What is wrong, where: the user record, the field and the byte offset.
         message: String,
     },
     /// A user record names a partition key beyond the table.

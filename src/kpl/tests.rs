@@ -497,3 +497,20 @@ mod deaggregate_all_matches_one_by_one {
         ));
     }
 }
+
+#[test]
+fn a_protobuf_error_names_the_user_record_and_what_is_wrong() {
+    let mut body = Pb {
+        partition_key_table: vec![Bytes::from_static(b"k")],
+        explicit_hash_key_table: vec![],
+        records: vec![record(Some(0), None, Some(b"ok"))],
+    }
+    .encode_to_vec();
+    // User record 1: partition key index 0, then `data` (field 3) as a varint, not bytes.
+    body.extend([0x1A, 4, 0x08, 0x00, 0x18, 0x05]);
+    let err = deaggregate(envelope(&body)).unwrap_err().to_string();
+    assert!(
+        err.contains("user record 1") && err.contains("field 3") && err.contains("wire type"),
+        "{err}"
+    );
+}

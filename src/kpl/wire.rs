@@ -186,10 +186,12 @@ pub(super) fn read_aggregate(body: &[u8]) -> Result<RawAggregate, String> {
         match tag {
             1 => aggregate.partition_key_table.push(range),
             2 => aggregate.explicit_hash_key_table.push(range),
-            _ => aggregate.records.push(
-                read_record(body, range, depth - 1)
-                    .map_err(|e| format!("AggregatedRecord.records: {e}"))?,
-            ),
+            _ => {
+                let n = aggregate.records.len();
+                let record = read_record(body, range, depth - 1)
+                    .map_err(|e| format!("user record {n}: {e}"))?;
+                aggregate.records.push(record);
+            }
         }
         Ok(true)
     })?;
@@ -229,7 +231,7 @@ fn read_record(body: &[u8], range: Range<usize>, depth: u32) -> Result<RawRecord
                         }
                         _ => Ok(false),
                     })
-                    .map_err(|e| format!("Record.tags: {e}"))?;
+                    .map_err(|e| format!("a tag: {e}"))?;
             }
             _ => return Ok(false),
         }
