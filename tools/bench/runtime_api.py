@@ -4,9 +4,11 @@ For each event file: start the release binary (discard transform, metrics off) p
 core, with this server on another; note the time from the spawn to its first
 `GET /runtime/invocation/next` (start-up); serve the event 33 times and time each invocation
 from the moment the server starts sending the body to the moment the response arrives (so the
-6 MB transfer over loopback is included); then read the process's peak RSS (VmHWM).
+6 MB transfer over loopback is included); then read the process's peak RSS (VmHWM) and its
+minor page faults per invocation after the warm-up.
 
-Prints one JSON line per file: median_ms, startup_ms, peak_rss_mb. Used by compare.py.
+Prints one JSON line per file: median_ms, startup_ms, peak_rss_mb, page_faults. Used by
+compare.py.
 """
 import json
 import os
@@ -94,7 +96,11 @@ def measure(binary, path, core):
             while api.first_next_at is None:
                 api.cond.wait()
         startup_ms = (api.first_next_at - spawned) * 1000
-        times = sorted([api.invoke(body) for _ in range(RUNS)][WARMUP:])
+        for _ in range(WARMUP):
+            api.invoke(body)
+        faults_before = minor_faults(proc.pid)
+        times = sorted(api.invoke(body) for _ in range(RUNS - WARMUP))
+        faults = (minor_faults(proc.pid) - faults_before) / (RUNS - WARMUP)
         status = open(f"/proc/{proc.pid}/status").read()
         hwm_kb = int(next(l for l in status.splitlines() if l.startswith("VmHWM")).split()[1])
     finally:
@@ -102,7 +108,13 @@ def measure(binary, path, core):
         proc.wait()
         api.server.shutdown()
     return {"file": path, "median_ms": times[len(times) // 2], "startup_ms": startup_ms,
-            "peak_rss_mb": hwm_kb / 1024}
+            "peak_rss_mb": hwm_kb / 1024, "page_faults": faults}
+
+
+def minor_faults(pid):
+    """Minor page faults of the process so far (field 10 of /proc/PID/stat)."""
+    stat = open(f"/proc/{pid}/stat").read()
+    return int(stat[stat.rindex(")") + 2:].split()[7])
 
 
 def main():
