@@ -90,7 +90,7 @@ events-max: ## Generate events/generated/max.json: a 6 MB event (just under 6 Mi
 	python3 tools/user_records.py --bytes 4250000 --size 200 | $(BIN) aggregate > events/generated/max.json
 	@ls -l events/generated/max.json
 
-bench: deps ## The handler vs the official Python and Node deaggregators and the MD5+base64 bound, one core, one run.
+bench: deps ## The handler vs the official deaggregators and the MD5+base64 bound (one core), then 2 cores and the binary through a local Runtime API (start-up, peak RSS) and the monthly cost.
 	$(PY) tools/bench/compare.py
 
 bench-kpl: ## Criterion benchmarks of deaggregation and the handler (benches/deaggregate.rs).
