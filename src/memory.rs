@@ -3,22 +3,23 @@
 //! A Lambda execution environment handles one event of up to 6 MB after another. By default
 //! glibc gives allocations of 128 KiB or more their own `mmap` and then raises that threshold
 //! to the largest block freed, and trims the heap top when more than twice the threshold is
-//! free. Measured with `make bench` (2026-11-26):
+//! free. Measured with `make bench` (2026-11-26), each event's user-record tables and decoded
+//! records went back to the kernel and came back as fresh zeroed pages: in-process about 2,400
+//! page faults per event and 7 ms of W1's 22.
 //!
-//! - in-process (the event body allocated once), each event's user-record tables and decoded
-//!   records went back to the kernel and came back as fresh zeroed pages: about 2,400 page
-//!   faults per event and 7 ms of W1's 22;
-//! - through the Runtime API, the body (6 MB, read by lambda_runtime) ended up in the heap, where
-//!   it and the next bodies fragment it: W5's peak RSS reached 27.7 MB.
+//! So blocks of up to 32 MiB (glibc's maximum threshold) come from the heap, and the heap is
+//! never trimmed below 256 MiB free: memory freed after one invocation serves the next. W1
+//! in-process: 22 -> 17.7 ms; W3 through the Runtime API: 338-965 -> 0-3 page faults per
+//! invocation.
 //!
-//! So: blocks of 1 MiB or more (the body, a big aggregate's table of user records) get their
-//! own `mmap` and go back to the kernel when freed, which keeps the heap small and unfragmented
-//! (W5 peak 20.8 to 22.8 MB); everything smaller stays in the heap, which is never trimmed below
-//! 256 MiB free, so its pages are reused, not faulted in again (W3 through the Runtime API:
-//! 338 to 965 page faults per invocation before, ~1,500 after, all of them the body's).
+//! The other way was measured too (`make bench`, 5 runs of each through the Runtime API): a
+//! 1 MiB threshold hands the body and every big block back to the kernel, so the heap cannot
+//! fragment (W5 peak RSS 21.3-22.8 MB instead of 22.4-26.6), but every invocation faults them
+//! in again (~1,500 faults) and takes 25-45% longer (W5 19-22 ms instead of 13.5-17, W2 37-45
+//! instead of 25-37). Time is what Lambda bills, so the heap keeps them.
 
-/// Sets glibc's mmap threshold to 1 MiB (fixed, not adaptive) and its trim threshold to
-/// 256 MiB: see the module documentation for why and what it measured.
+/// Sets glibc's mmap threshold to 32 MiB and its trim threshold to 256 MiB (both fixed, not
+/// adaptive): see the module documentation for why and what it measured.
 ///
 /// Call it once, at start-up, before the first event. It only changes glibc's malloc (a no-op
 /// elsewhere) and returns whether the settings took.
@@ -31,7 +32,7 @@
 pub fn retain_freed_memory() -> bool {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     {
-        const MMAP_THRESHOLD: libc::c_int = 1 << 20;
+        const MMAP_THRESHOLD: libc::c_int = 32 << 20;
         const TRIM_THRESHOLD: libc::c_int = 256 << 20;
         // SAFETY: mallopt only changes malloc's tuning parameters, takes plain integers and is
         // safe to call at any time (glibc serialises it with its own lock).

@@ -8,6 +8,8 @@ Workloads (generated deterministically into target/bench/):
   W3     3,166 plain ~1 KB records
   W5     88 x 50 KB aggregates (the KPL's default aggregate size)
 
+Every figure is the median of 3 interleaved rounds (each a median of 30 runs).
+
 Table 1, one core: median ms per event for ours (in-process: KinesisEvent::from_slice +
 Processor::handle with the discard transform), the official Python and Node modules doing the
 same work, and the bound (MD5 of the aggregates at `openssl speed -evp md5` speed + base64
@@ -24,6 +26,7 @@ import json
 import os
 import re
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -136,6 +139,16 @@ def monthly_cost(ms_per_event, user_records_per_event):
     return billed_s * MEMORY_GB * PRICE_GB_S + events * PRICE_REQUEST
 
 
+ROUNDS = 3
+
+
+def median_of(results):
+    """Per workload, each numeric field's median over the rounds."""
+    return {name: {k: (statistics.median(r[name][k] for r in results) if isinstance(v, (int, float)) else v)
+                   for k, v in results[0][name].items()}
+            for name in results[0]}
+
+
 def run(cmd, paths, cores=ONE_CORE):
     out = sh(cores + cmd + list(paths.values()), cwd=ROOT)
     by_file = {json.loads(l)["file"]: json.loads(l) for l in out.splitlines() if l.startswith("{")}
@@ -145,14 +158,22 @@ def run(cmd, paths, cores=ONE_CORE):
 def main():
     subprocess.run(["cargo", "build", "--release", "--quiet"], cwd=ROOT, check=True)
     paths = generate()
-    ours = run(["cargo", "bench", "--quiet", "--bench", "workloads", "--"], paths)
-    ours2 = run(["cargo", "bench", "--quiet", "--bench", "workloads", "--"], paths, TWO_CORES)
-    # Pins itself (server on core 1, the function on core 0).
-    api = run([sys.executable, "tools/bench/runtime_api.py", DEAGG], paths, cores=[])
-    python = run([VENV_PY, "tools/bench/python_deagg.py"], paths)
-    node = run(["node", "tools/bench/node_deagg.js"], paths)
-    md5 = md5_rate()
-    b64 = base64_rate(json.load(open(paths["W1"]))["Records"][0]["kinesis"]["data"])
+    measurements = {
+        "ours": lambda: run(["cargo", "bench", "--quiet", "--bench", "workloads", "--"], paths),
+        "ours2": lambda: run(["cargo", "bench", "--quiet", "--bench", "workloads", "--"], paths, TWO_CORES),
+        # Pins itself (server on core 1, the function on core 0).
+        "api": lambda: run([sys.executable, "tools/bench/runtime_api.py", DEAGG], paths, cores=[]),
+        "python": lambda: run([VENV_PY, "tools/bench/python_deagg.py"], paths),
+        "node": lambda: run(["node", "tools/bench/node_deagg.js"], paths),
+    }
+    # Shared machines slow down for seconds at a time: every measurement is taken ROUNDS times,
+    # the rounds interleaved, and each figure is the median of its rounds.
+    rounds = [{who: measure() for who, measure in measurements.items()} for _ in range(ROUNDS)]
+    ours, ours2, api, python, node = (median_of([r[who] for r in rounds]) for who in measurements)
+    md5 = statistics.median(md5_rate() for _ in range(ROUNDS))
+    data = json.load(open(paths["W1"]))["Records"][0]["kinesis"]["data"]
+    b64 = statistics.median(base64_rate(data) for _ in range(ROUNDS))
+    print(f"medians of {ROUNDS} interleaved rounds")
     print(f"one core ({' '.join(ONE_CORE) or 'no taskset'}); MD5 {md5 / 1e6:.0f} MB/s (openssl), base64 {b64 / 1e6:.0f} MB/s")
     print(f"{'workload':8} {'user recs':>9} {'MB':>5} | {'ours':>7} {'python':>7} {'node':>7} {'bound':>6} ms | "
           f"{'recs/s':>9} {'MB/s':>6} | {'py/ours':>7} {'node/ours':>9} {'ours/bound':>10}")
