@@ -186,12 +186,16 @@ def main():
         print(f"{name:8} {users:>9} {mb:>5.1f} | {o:>7.2f} {p:>7.2f} {n:>7.2f} {b:>6.2f}    | "
               f"{users / o * 1000:>9.0f} {mb / o * 1000:>6.0f} | {p / o:>7.2f} {n / o:>9.2f} {o / b:>10.2f}")
     print()
-    print(f"{'workload':8} | {'2 cores':>7} {'/bound':>6} {'vs 1':>5} | {'runtime API':>11} {'start-up':>8} {'peak RSS':>8}")
+    print(f"{'workload':8} | {'2 cores':>7} {'/bound':>6} {'vs 1':>5} | {'runtime API':>11} {'peak RSS (max)':>15}")
     for name, path in paths.items():
         o, t = ours[name]["median_ms"], ours2[name]["median_ms"]
         a = api[name]
+        rss_max = max(r["api"][name]["peak_rss_mb"] for r in rounds)
         print(f"{name:8} | {t:>7.2f} {t / bound_ms(path, md5, b64):>6.2f} {o / t:>5.2f} | "
-              f"{a['median_ms']:>8.2f} ms {a['startup_ms']:>5.1f} ms {a['peak_rss_mb']:>5.1f} MB")
+              f"{a['median_ms']:>8.2f} ms {a['peak_rss_mb']:>6.1f} ({rss_max:.1f}) MB")
+    starts = sorted(r["api"][name]["startup_ms"] for r in rounds for name in paths)
+    print(f"start-up to the first Runtime API request: median {statistics.median(starts):.1f} ms "
+          f"of {len(starts)} spawns (min {starts[0]:.1f}, max {starts[-1]:.1f})")
     print()
     print(f"200 billion user records a month like W1's, x86_64, 1,769 MB, ${PRICE_GB_S}/GB-s + $0.20 per million requests:")
     users = ours["W1"]["user_records"]
