@@ -8,7 +8,7 @@ use std::hint::black_box;
 
 use bytes::Bytes;
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
-use kinesis_deagg::kpl::{Aggregator, deaggregate, deaggregate_with, md5_many};
+use kinesis_deagg::kpl::{Aggregator, deaggregate, deaggregate_all, deaggregate_with, md5_many};
 use md5::{Digest, Md5};
 
 /// Full 1 MiB aggregates of ~200-byte JSON-like user records with a few thousand keys.
@@ -70,5 +70,19 @@ fn md5_of_an_event(c: &mut Criterion) {
     }
 }
 
-criterion_group!(benches, kpl, md5_of_an_event);
+/// A whole event's aggregates at once (`deaggregate_all`): 5 x 1 MiB of ~200 B records. With a
+/// second core the MD5s run beside the protobuf decoding (`taskset -c 0` to see one core).
+fn all_of_an_event(c: &mut Criterion) {
+    let records = aggregates(5);
+    let mut g = c.benchmark_group("5x1MiB-aggregates");
+    g.throughput(Throughput::Bytes(
+        records.iter().map(|r| r.len() as u64).sum(),
+    ));
+    g.bench_function("deaggregate_all", |b| {
+        b.iter(|| deaggregate_all(black_box(&records), true))
+    });
+    g.finish();
+}
+
+criterion_group!(benches, kpl, md5_of_an_event, all_of_an_event);
 criterion_main!(benches);
