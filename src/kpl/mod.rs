@@ -10,7 +10,7 @@
 //! with the messages of `src/kpl/messages.proto`.
 
 mod aggregate;
-// The one module allowed `unsafe`: SIMD intrinsics, see its docs.
+// Allowed `unsafe` (with `memory.rs`'s one `mallopt` call): SIMD intrinsics, see its docs.
 #[allow(unsafe_code)]
 mod md5_many;
 mod messages;
