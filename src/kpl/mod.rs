@@ -57,11 +57,8 @@ impl UserRecord {
     /// ```
     pub fn plain(partition_key: &str, explicit_hash_key: Option<&str>, data: Bytes) -> Self {
         UserRecord {
-            sub_sequence_number: None,
-            partition_key: partition_key.into(),
             explicit_hash_key: explicit_hash_key.map(Into::into),
-            data,
-            lossy_keys: false,
+            ..Self::plain_shared(partition_key.into(), data)
         }
     }
 
@@ -394,12 +391,12 @@ fn finish(data: Bytes, checksum_matches: Option<bool>) -> Result<Deaggregated, D
 /// A key table turned into shared strings once, so user records can share them.
 fn key_table(body: &[u8], raw: &[std::ops::Range<usize>]) -> Vec<(Arc<str>, bool)> {
     raw.iter()
-        .map(|k| match std::str::from_utf8(&body[k.clone()]) {
-            Ok(s) => (Arc::from(s), false),
-            Err(_) => (
-                Arc::from(String::from_utf8_lossy(&body[k.clone()]).as_ref()),
-                true,
-            ),
+        .map(|range| {
+            let key = &body[range.clone()];
+            match std::str::from_utf8(key) {
+                Ok(s) => (Arc::from(s), false),
+                Err(_) => (Arc::from(String::from_utf8_lossy(key).as_ref()), true),
+            }
         })
         .collect()
 }
