@@ -9,6 +9,7 @@
 //! The same types also read the output of `aws kinesis get-records` (`Records[].Data`,
 //! `PartitionKey`, `SequenceNumber`), so the command line can inspect a live stream.
 
+use std::borrow::Cow;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -50,8 +51,8 @@ pub struct EventRecord {
     pub sequence_number: Arc<str>,
     /// The outer partition key (`"a"` for KPL aggregates); empty when absent.
     pub partition_key: Arc<str>,
-    /// The `data` field, base64-decoded as the event is read (so the text is never copied),
-    /// or why it is unusable.
+    /// The `data` field, base64-decoded as the event is read (the text is never copied), or
+    /// why it is unusable. The records of an event share one buffer of decoded data.
     pub data: Result<Bytes, BadData>,
     /// When Kinesis received the record.
     pub approximate_arrival: Option<SystemTime>,
@@ -123,13 +124,15 @@ impl<'de> Deserialize<'de> for Records {
             }
             fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Records, A::Error> {
                 let mut records = Vec::with_capacity(seq.size_hint().unwrap_or(0));
+                let mut texts = Vec::with_capacity(records.capacity());
                 while let Some(raw) = seq.next_element::<Lenient<RawRecord>>()? {
                     let i = records.len();
-                    records.push(
-                        EventRecord::from_raw(raw)
-                            .map_err(|e| A::Error::custom(format!("record {i}: {e}")))?,
-                    );
+                    let (record, text) = EventRecord::from_raw(raw)
+                        .map_err(|e| A::Error::custom(format!("record {i}: {e}")))?;
+                    records.push(record);
+                    texts.extend(text.map(|text| (i, text)));
                 }
+                decode_into_one_buffer(&mut records, &texts);
                 Ok(Records(records))
             }
         }
@@ -142,8 +145,9 @@ impl<'de> Deserialize<'de> for Records {
 /// record's problem, found when the record is read, not a failure of the whole event. (No
 /// `#[serde(flatten)]`: it would buffer, and so copy, every record before reading it.)
 #[derive(Deserialize)]
-struct RawRecord {
-    kinesis: Option<Lenient<RawKinesis>>,
+struct RawRecord<'a> {
+    #[serde(borrow)]
+    kinesis: Option<Lenient<RawKinesis<'a>>>,
     #[serde(rename = "eventID")]
     event_id: Option<Loose>,
     #[serde(rename = "eventSourceARN")]
@@ -152,52 +156,91 @@ struct RawRecord {
     get_records_sequence_number: Option<Loose>,
     #[serde(rename = "PartitionKey")]
     get_records_partition_key: Option<Loose>,
-    #[serde(rename = "Data")]
-    get_records_data: Option<Loose<Decoded>>,
+    #[serde(rename = "Data", borrow)]
+    get_records_data: Option<Loose<Text<'a>>>,
     #[serde(rename = "ApproximateArrivalTimestamp")]
     get_records_approximate_arrival_timestamp: Option<Loose>,
 }
 
 #[derive(Deserialize, Default)]
 #[serde(rename_all = "camelCase")]
-struct RawKinesis {
+struct RawKinesis<'a> {
     sequence_number: Option<Loose>,
     partition_key: Option<Loose>,
-    data: Option<Loose<Decoded>>,
+    #[serde(borrow)]
+    data: Option<Loose<Text<'a>>>,
     approximate_arrival_timestamp: Option<Loose>,
 }
 
 /// What a JSON string becomes in a [`Loose`] value.
-trait FromJsonStr: Sized {
+trait FromJsonStr<'de>: Sized {
     fn from_json_str(s: &str) -> Self;
+    /// A string that stands as is in the input (no escapes), which lives as long as it.
+    fn from_borrowed(s: &'de str) -> Self {
+        Self::from_json_str(s)
+    }
 }
 
-impl FromJsonStr for Arc<str> {
+impl FromJsonStr<'_> for Arc<str> {
     fn from_json_str(s: &str) -> Self {
         Arc::from(s)
     }
 }
 
-/// A `data` string, decoded from base64 where it stands in the invocation body: the decoded
-/// bytes, or the error message and the text.
-struct Decoded(Result<Bytes, BadData>);
+/// A `data` string: borrowed from the invocation body, copied only when it had escapes.
+/// Decoded once the whole `Records` array is read, into one buffer for all records.
+struct Text<'de>(Cow<'de, str>);
 
-impl FromJsonStr for Decoded {
+impl<'de: 'a, 'a> FromJsonStr<'de> for Text<'a> {
     fn from_json_str(s: &str) -> Self {
-        let simd = if s.len().is_multiple_of(4) {
-            base64_simd::STANDARD
-        } else {
-            base64_simd::STANDARD_NO_PAD
-        };
-        // What the fast decoder rejects goes to the `base64` crate, which accepts a few odd
-        // paddings more (the two agree on everything else: tested below) and says what is
-        // wrong, and where.
-        let decoded = simd.decode_to_vec(s).or_else(|_| BASE64.decode(s));
-        Decoded(decoded.map(Bytes::from).map_err(|e| BadData {
-            message: format!("`data` is not valid base64: {e}"),
-            raw: Bytes::copy_from_slice(s.as_bytes()),
-        }))
+        Text(Cow::Owned(s.to_owned()))
     }
+    fn from_borrowed(s: &'de str) -> Self {
+        Text(Cow::Borrowed(s))
+    }
+}
+
+/// Decodes the `data` texts (each with the index of its record) into one buffer, which the
+/// records then share: one allocation per event rather than one per record.
+fn decode_into_one_buffer(records: &mut [EventRecord], texts: &[(usize, Text)]) {
+    // Base64 is 4 characters for 3 bytes; the last group may be short.
+    let capacity = texts.iter().map(|(_, t)| t.0.len() / 4 * 3 + 3).sum();
+    let mut buffer = Vec::with_capacity(capacity);
+    let mut spans = Vec::with_capacity(texts.len());
+    for (i, text) in texts {
+        let start = buffer.len();
+        match decode_append(&text.0, &mut buffer) {
+            Ok(()) => spans.push((*i, start..buffer.len())),
+            Err(bad) => records[*i].data = Err(bad),
+        }
+    }
+    let buffer = Bytes::from(buffer);
+    for (i, span) in spans {
+        records[i].data = Ok(buffer.slice(span));
+    }
+}
+
+/// Appends the bytes that `text` encodes to `buffer`, or says why it cannot (leaving
+/// `buffer` as it was).
+fn decode_append(text: &str, buffer: &mut Vec<u8>) -> Result<(), BadData> {
+    let simd = if text.len().is_multiple_of(4) {
+        base64_simd::STANDARD
+    } else {
+        base64_simd::STANDARD_NO_PAD
+    };
+    // What the fast decoder rejects goes to the `base64` crate, which accepts a few odd
+    // paddings more (the two agree on everything else: tested below) and says what is
+    // wrong, and where.
+    let start = buffer.len();
+    simd.decode_append(text, buffer)
+        .or_else(|_| BASE64.decode_vec(text, buffer))
+        .map_err(|e| {
+            buffer.truncate(start);
+            BadData {
+                message: format!("`data` is not valid base64: {e}"),
+                raw: Bytes::copy_from_slice(text.as_bytes()),
+            }
+        })
 }
 
 /// Any JSON value, kept only as far as a record needs it: strings and numbers as they are,
@@ -218,7 +261,7 @@ impl<S> Loose<S> {
     }
 }
 
-impl<'de, S: FromJsonStr> Deserialize<'de> for Loose<S> {
+impl<'de, S: FromJsonStr<'de>> Deserialize<'de> for Loose<S> {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
         deserializer.deserialize_any(LooseVisitor(std::marker::PhantomData))
     }
@@ -226,7 +269,7 @@ impl<'de, S: FromJsonStr> Deserialize<'de> for Loose<S> {
 
 struct LooseVisitor<S>(std::marker::PhantomData<S>);
 
-impl<'de, S: FromJsonStr> Visitor<'de> for LooseVisitor<S> {
+impl<'de, S: FromJsonStr<'de>> Visitor<'de> for LooseVisitor<S> {
     type Value = Loose<S>;
 
     fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
@@ -234,6 +277,9 @@ impl<'de, S: FromJsonStr> Visitor<'de> for LooseVisitor<S> {
     }
     fn visit_str<E>(self, v: &str) -> Result<Self::Value, E> {
         Ok(Loose::Str(S::from_json_str(v)))
+    }
+    fn visit_borrowed_str<E>(self, v: &'de str) -> Result<Self::Value, E> {
+        Ok(Loose::Str(S::from_borrowed(v)))
     }
     fn visit_f64<E>(self, v: f64) -> Result<Self::Value, E> {
         Ok(Loose::Num(v))
@@ -312,8 +358,9 @@ impl<'de, T: Deserialize<'de>> Deserialize<'de> for Lenient<T> {
 
 impl EventRecord {
     /// Reads one record: `{"kinesis": {...}, "eventID", "eventSourceARN"}` from Lambda, or
-    /// `{"Data", "PartitionKey", "SequenceNumber"}` from `get-records`.
-    fn from_raw(raw: Lenient<RawRecord>) -> Result<Self, String> {
+    /// `{"Data", "PartitionKey", "SequenceNumber"}` from `get-records`. A `data` text comes
+    /// back beside the record, still to be decoded.
+    fn from_raw(raw: Lenient<RawRecord>) -> Result<(Self, Option<Text>), String> {
         let raw = match raw {
             Lenient::Object(raw) => raw,
             Lenient::Not(kind) => {
@@ -358,13 +405,16 @@ impl EventRecord {
             message,
             raw: Bytes::new(),
         };
-        let data = match data {
-            Some(Loose::Str(Decoded(decoded))) => decoded,
-            Some(other) => Err(bad(format!(
-                "`{data_name}` is not a string but {}",
-                other.kind()
-            ))),
-            None => Err(bad(format!("no `{data_name}` field"))),
+        let (data, data_text) = match data {
+            Some(Loose::Str(text)) => (Ok(Bytes::new()), Some(text)),
+            Some(other) => (
+                Err(bad(format!(
+                    "`{data_name}` is not a string but {}",
+                    other.kind()
+                ))),
+                None,
+            ),
+            None => (Err(bad(format!("no `{data_name}` field"))), None),
         };
         let text = |v: Option<Loose>| match v {
             Some(Loose::Str(s)) => Some(s),
@@ -379,14 +429,15 @@ impl EventRecord {
         };
         let shard_id = text(raw.event_id)
             .and_then(|id: Arc<str>| id.split_once(':').map(|(shard, _)| Arc::from(shard)));
-        Ok(EventRecord {
+        let record = EventRecord {
             sequence_number,
             partition_key: text(pk).unwrap_or_else(|| Arc::from("")),
             data,
             approximate_arrival,
             shard_id,
             event_source_arn: text(raw.event_source_arn),
-        })
+        };
+        Ok((record, data_text))
     }
 
     /// The record's decoded `data` (a cheap clone of [`EventRecord::data`]).
@@ -507,8 +558,9 @@ mod base64_agreement {
         /// too, with the same bytes: the fast path changes no outcome.
         #[test]
         fn simd_and_scalar_decoders_agree(s in "[A-Za-z0-9+/=]{0,12}|[A-Za-z0-9+/]{0,12}") {
-            let fast = Decoded::from_json_str(&s).0.map_err(|e| e.message);
-            let slow = BASE64.decode(&s).map(Bytes::from).map_err(|e| format!("`data` is not valid base64: {e}"));
+            let mut fast = b"kept".to_vec();
+            let fast = decode_append(&s, &mut fast).map(|()| fast).map_err(|e| e.message);
+            let slow = BASE64.decode(&s).map(|d| [&b"kept"[..], &d].concat()).map_err(|e| format!("`data` is not valid base64: {e}"));
             prop_assert_eq!(fast, slow);
         }
     }
