@@ -20,6 +20,8 @@ use serde::de::value::MapAccessDeserializer;
 use serde::de::{Error as _, IgnoredAny, MapAccess, SeqAccess, Visitor};
 use serde::{Deserialize, Deserializer};
 
+mod fast;
+
 /// Standard alphabet; padding optional, since a producer's unpadded base64 is still
 /// unambiguous and is not worth blocking a shard over. Only used to explain a failure: valid
 /// data is decoded by `base64_simd`, several times faster.
@@ -94,6 +96,10 @@ impl KinesisEvent {
     /// assert!(err.to_string().contains("Records"));
     /// ```
     pub fn from_slice(json: &[u8]) -> Result<Self, EventError> {
+        // The fast path answers for the events Lambda sends; serde decides everything else.
+        if let Some(records) = fast::read(json) {
+            return Ok(KinesisEvent { records });
+        }
         Ok(serde_json::from_slice(json)?)
     }
 }
@@ -144,7 +150,7 @@ impl<'de> Deserialize<'de> for Records {
 /// fields at the top). Every field is [`Loose`], so a field of the wrong type is that
 /// record's problem, found when the record is read, not a failure of the whole event. (No
 /// `#[serde(flatten)]`: it would buffer, and so copy, every record before reading it.)
-#[derive(Deserialize)]
+#[derive(Deserialize, Default)]
 struct RawRecord<'a> {
     #[serde(borrow)]
     kinesis: Option<Lenient<RawKinesis<'a>>>,
@@ -188,15 +194,16 @@ impl FromJsonStr<'_> for Arc<str> {
 }
 
 /// A `data` string: borrowed from the invocation body, copied only when it had escapes.
-/// Decoded once the whole `Records` array is read, into one buffer for all records.
-struct Text<'de>(Cow<'de, str>);
+/// Decoded once the whole `Records` array is read, into one buffer for all records. Bytes,
+/// not `str`: the fast path leaves the check of the text to the base64 decoder.
+struct Text<'de>(Cow<'de, [u8]>);
 
 impl<'de: 'a, 'a> FromJsonStr<'de> for Text<'a> {
     fn from_json_str(s: &str) -> Self {
-        Text(Cow::Owned(s.to_owned()))
+        Text(Cow::Owned(s.as_bytes().to_vec()))
     }
     fn from_borrowed(s: &'de str) -> Self {
-        Text(Cow::Borrowed(s))
+        Text(Cow::Borrowed(s.as_bytes()))
     }
 }
 
@@ -222,7 +229,7 @@ fn decode_into_one_buffer(records: &mut [EventRecord], texts: &[(usize, Text)]) 
 
 /// Appends the bytes that `text` encodes to `buffer`, or says why it cannot (leaving
 /// `buffer` as it was).
-fn decode_append(text: &str, buffer: &mut Vec<u8>) -> Result<(), BadData> {
+fn decode_append(text: &[u8], buffer: &mut Vec<u8>) -> Result<(), BadData> {
     let simd = if text.len().is_multiple_of(4) {
         base64_simd::STANDARD
     } else {
@@ -238,7 +245,7 @@ fn decode_append(text: &str, buffer: &mut Vec<u8>) -> Result<(), BadData> {
             buffer.truncate(start);
             BadData {
                 message: format!("`data` is not valid base64: {e}"),
-                raw: Bytes::copy_from_slice(text.as_bytes()),
+                raw: Bytes::copy_from_slice(text),
             }
         })
 }
@@ -559,7 +566,7 @@ mod base64_agreement {
         #[test]
         fn simd_and_scalar_decoders_agree(s in "[A-Za-z0-9+/=]{0,12}|[A-Za-z0-9+/]{0,12}") {
             let mut fast = b"kept".to_vec();
-            let fast = decode_append(&s, &mut fast).map(|()| fast).map_err(|e| e.message);
+            let fast = decode_append(s.as_bytes(), &mut fast).map(|()| fast).map_err(|e| e.message);
             let slow = BASE64.decode(&s).map(|d| [&b"kept"[..], &d].concat()).map_err(|e| format!("`data` is not valid base64: {e}"));
             prop_assert_eq!(fast, slow);
         }
