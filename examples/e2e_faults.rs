@@ -94,5 +94,5 @@ async fn faulty(record: UserRecord, ctx: RecordContext) -> Result<(), Error> {
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> Result<(), Error> {
-    lambda_runtime::run(Processor::new(faulty, Settings::from_env()?)).await
+    kinesis_deagg::run(Processor::new(faulty, Settings::from_env()?)).await
 }

@@ -76,7 +76,7 @@ async fn main() -> Result<(), Error> {
     let processor = Processor::new(store_order, Settings::from_env()?);
     match std::env::args().nth(1) {
         // Inside Lambda: serve invocations.
-        None => lambda_runtime::run(processor).await,
+        None => kinesis_deagg::run(processor).await,
         // Outside: handle one event file and print the response.
         Some(path) => {
             let event = KinesisEvent::from_slice(&std::fs::read(path)?)?;

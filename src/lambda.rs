@@ -1,5 +1,5 @@
-//! The Lambda glue: the batch processor as a tower `Service`, so `lambda_runtime::run` (and
-//! any tower layer) takes it unchanged.
+//! The Lambda glue: the batch processor, served by [`run`](crate::run), or as a tower
+//! `Service` by `lambda_runtime::run` (and any tower layer).
 
 use std::future::Future;
 use std::pin::Pin;
@@ -15,7 +15,7 @@ use std::io::Write;
 use tracing::Instrument;
 
 use crate::batch::{self, BatchOutcome};
-use crate::event::KinesisEvent;
+use crate::event::{EventError, KinesisEvent};
 use crate::metrics::{self, Dimensions};
 use crate::settings::Settings;
 use crate::settings::Switch;
@@ -40,6 +40,7 @@ use crate::transform::Transform;
 ///         println!("{} has {} bytes", ctx.idempotency_key(), record.data().len());
 ///         Ok::<(), lambda_runtime::Error>(())
 ///     };
+///     // Or kinesis_deagg::run, faster: see its docs.
 ///     lambda_runtime::run(Processor::new(transform, Settings::from_env()?)).await
 /// }
 /// ```
@@ -128,6 +129,40 @@ impl<T: Transform> Processor<T> {
             }
         }
         outcome
+    }
+}
+
+impl<T: Transform> Processor<T> {
+    /// Handles one invocation body as Lambda sends it: reads the event (then frees the body),
+    /// processes it and gives the response. What [`run`](crate::run) calls.
+    ///
+    /// # Errors
+    ///
+    /// When the body is not a Kinesis event (see [`KinesisEvent::from_slice`]): Lambda
+    /// retries the whole batch.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use kinesis_deagg::{Processor, Settings};
+    /// use kinesis_deagg::transform::{Builtin, BuiltinTransform};
+    ///
+    /// let processor = Processor::new(BuiltinTransform::new(Builtin::Json, 0), Settings::default());
+    /// let body = br#"{"Records":[{"kinesis":{"sequenceNumber":"7","data":"bm90IGpzb24="}}]}"#;
+    /// let context = lambda_runtime::Context::default();
+    /// let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    /// let response = rt.block_on(processor.handle_body(body.to_vec(), &context)).unwrap();
+    /// assert_eq!(response.batch_item_failures[0].item_identifier.as_deref(), Some("7"));
+    /// ```
+    pub async fn handle_body(
+        &self,
+        body: Vec<u8>,
+        context: &lambda_runtime::Context,
+    ) -> Result<KinesisEventResponse, EventError> {
+        let event = KinesisEvent::from_slice(&body)?;
+        // The records hold their decoded data: the text is no longer needed.
+        drop(body);
+        Ok(self.handle(&event, deadline(context)).await.response())
     }
 }
 

@@ -8,8 +8,10 @@ pub mod kpl;
 pub mod lambda;
 pub mod memory;
 pub mod metrics;
+pub mod runtime_api;
 pub mod settings;
 pub mod transform;
 
 pub use lambda::Processor;
+pub use runtime_api::run;
 pub use settings::Settings;

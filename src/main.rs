@@ -130,12 +130,14 @@ fn run(cli: Cli) -> Result<ExitCode, Error> {
             let settings = match Settings::from_env() {
                 Ok(settings) => settings,
                 Err(e) => {
-                    runtime.block_on(report_init_error(&e.to_string()));
+                    runtime.block_on(kinesis_deagg::runtime_api::report_init_error(
+                        &e.to_string(),
+                    ));
                     return Err(e.into());
                 }
             };
             let transform = BuiltinTransform::new(settings.transform, settings.log_max_bytes);
-            runtime.block_on(lambda_runtime::run(Processor::new(transform, settings)))?;
+            runtime.block_on(kinesis_deagg::run(Processor::new(transform, settings)))?;
             Ok(ExitCode::SUCCESS)
         }
         None => Err("not inside Lambda (AWS_LAMBDA_RUNTIME_API is not set); \
@@ -288,24 +290,6 @@ fn aggregate(args: AggregateArgs) -> Result<ExitCode, Error> {
     serde_json::to_writer_pretty(&mut stdout, &json!({ "Records": records }))?;
     writeln!(stdout)?;
     Ok(ExitCode::SUCCESS)
-}
-
-/// Tells Lambda why the function cannot start (`/runtime/init/error`), so that the failed
-/// invocation carries the reason instead of a bare exit status. Best effort: the same message
-/// also goes to stderr, which reaches CloudWatch.
-async fn report_init_error(message: &str) {
-    let Ok(client) = lambda_runtime_api_client::Client::builder().build() else {
-        return;
-    };
-    let body = json!({"errorType": "Runtime.InitError", "errorMessage": message}).to_string();
-    let request = lambda_runtime_api_client::build_request()
-        .method("POST")
-        .uri("/2018-06-01/runtime/init/error")
-        .header("lambda-runtime-function-error-type", "Runtime.InitError")
-        .body(body.into());
-    if let Ok(request) = request {
-        let _ = client.call(request).await;
-    }
 }
 
 fn read_input(file: Option<&PathBuf>) -> Result<Vec<u8>, Error> {

@@ -1,5 +1,5 @@
 //! The event parser and the whole batch on arbitrary bytes: never panics, never reports an
-//! empty identifier.
+//! empty identifier, and `from_slice` (fast path first) reads what serde alone reads.
 #![no_main]
 
 use kinesis_deagg::event::KinesisEvent;
@@ -9,7 +9,11 @@ use kinesis_deagg::{Processor, Settings};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|input: &[u8]| {
-    let Ok(event) = KinesisEvent::from_slice(input) else {
+    let read = KinesisEvent::from_slice(input);
+    // `Deserialize` is the serde path alone: the fast path must never disagree with it.
+    let serde = serde_json::from_slice::<KinesisEvent>(input);
+    assert_eq!(read.as_ref().ok(), serde.as_ref().ok());
+    let Ok(event) = read else {
         return;
     };
     // Metrics off: an EMF line per execution would only slow the fuzzer down.
