@@ -263,6 +263,14 @@ impl<'a> Scanner<'a> {
             }
             _ => scan.skip(3).map(drop),
         })?;
+        // With a `kinesis` object, `Data` is read but never decoded: check its text here.
+        if let (Some(Lenient::Object(_)), Some(Loose::Str(text))) =
+            (&raw.kinesis, &raw.get_records_data)
+        {
+            if text.0.iter().any(|&b| b < 0x20) {
+                return None;
+            }
+        }
         Some(raw)
     }
 
@@ -562,6 +570,8 @@ mod tests {
             r#"{"Records":[{"kinesis":{"sequenceNumber":"1","sequenceNumber":"2"}}]}"#,
             r#"{"Records":[{"kinesis":{"sequenceNumber":"1","data":"\u0001"}}]}"#,
             r#"{"Records":[]} x"#,
+            // Found by the fuzzer: an unused `Data` beside `kinesis`, not a JSON string.
+            "{\"Records\":[{\"kinesis\":{\"sequenceNumber\":\"1\"},\"Data\":\"a\nb\"}]}",
             r#"{"Records":[{"kinesis":{"sequenceNumber":"1","approximateArrivalTimestamp":1e400}}]}"#,
         ] {
             assert!(read(json.as_bytes()).is_none(), "{json}");
