@@ -133,8 +133,9 @@ impl<T: Transform> Processor<T> {
 }
 
 impl<T: Transform> Processor<T> {
-    /// Handles one invocation body as Lambda sends it: reads the event (then frees the body),
-    /// processes it and gives the response. What [`run`](crate::run) calls.
+    /// Handles one invocation body as Lambda sends it: reads the event (its data decoded in
+    /// the body, see [`KinesisEvent::from_owned`]), processes it and gives the response. What
+    /// [`run`](crate::run) calls.
     ///
     /// # Errors
     ///
@@ -154,14 +155,15 @@ impl<T: Transform> Processor<T> {
     /// let response = rt.block_on(processor.handle_body(body.to_vec(), &context)).unwrap();
     /// assert_eq!(response.batch_item_failures[0].item_identifier.as_deref(), Some("7"));
     /// ```
-    pub async fn handle_body(
+    pub async fn handle_body<B>(
         &self,
-        body: Vec<u8>,
+        body: B,
         context: &lambda_runtime::Context,
-    ) -> Result<KinesisEventResponse, EventError> {
-        let event = KinesisEvent::from_slice(&body)?;
-        // The records hold their decoded data: the text is no longer needed.
-        drop(body);
+    ) -> Result<KinesisEventResponse, EventError>
+    where
+        B: AsRef<[u8]> + AsMut<[u8]> + Into<bytes::Bytes>,
+    {
+        let event = KinesisEvent::from_owned(body)?;
         Ok(self.handle(&event, deadline(context)).await.response())
     }
 }

@@ -1,5 +1,6 @@
 //! The event parser and the whole batch on arbitrary bytes: never panics, never reports an
-//! empty identifier, and `from_slice` (fast path first) reads what serde alone reads.
+//! empty identifier, and `from_slice` and `from_owned` (fast path first) read what serde
+//! alone reads.
 #![no_main]
 
 use kinesis_deagg::event::KinesisEvent;
@@ -13,6 +14,8 @@ fuzz_target!(|input: &[u8]| {
     // `Deserialize` is the serde path alone: the fast path must never disagree with it.
     let serde = serde_json::from_slice::<KinesisEvent>(input);
     assert_eq!(read.as_ref().ok(), serde.as_ref().ok());
+    let in_place = KinesisEvent::from_owned(input.to_vec());
+    assert_eq!(in_place.as_ref().ok(), serde.as_ref().ok());
     let Ok(event) = read else {
         return;
     };

@@ -97,10 +97,72 @@ impl KinesisEvent {
     /// ```
     pub fn from_slice(json: &[u8]) -> Result<Self, EventError> {
         // The fast path answers for the events Lambda sends; serde decides everything else.
-        if let Some(records) = fast::read(json) {
-            return Ok(KinesisEvent { records });
+        if let Some((mut records, texts)) = fast::read(json) {
+            let texts = texts.into_iter().map(|(i, at)| (i, &json[at]));
+            decode_into_one_buffer(&mut records, texts);
+            if fast::refused_texts_are_json(&records) {
+                return Ok(KinesisEvent { records });
+            }
         }
         Ok(serde_json::from_slice(json)?)
+    }
+
+    /// [`KinesisEvent::from_slice`] on a body the caller gives away (a `Vec<u8>` or a
+    /// `BytesMut`): each record's data is decoded where its base64 text stood, so the event
+    /// takes no memory beyond the body, which the records share. What [`run`](crate::run)
+    /// does with each invocation.
+    ///
+    /// # Errors
+    ///
+    /// As [`KinesisEvent::from_slice`].
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use kinesis_deagg::event::KinesisEvent;
+    /// let body = br#"{"Records":[{"kinesis":{"sequenceNumber":"1","data":"aGk="}}]}"#.to_vec();
+    /// let event = KinesisEvent::from_owned(body).unwrap();
+    /// assert_eq!(&event.records[0].decode_data().unwrap()[..], b"hi");
+    /// ```
+    pub fn from_owned<B>(mut body: B) -> Result<Self, EventError>
+    where
+        B: AsRef<[u8]> + AsMut<[u8]> + Into<Bytes>,
+    {
+        let json = body.as_mut();
+        if let Some((mut records, texts)) = fast::read(json) {
+            // Check every text first: a refused one must still be whole to be explained (or
+            // given to serde), and decoding in place overwrites it.
+            let valid: Vec<bool> = texts
+                .iter()
+                .map(|(_, at)| simd_engine(at.len()).check(&json[at.clone()]).is_ok())
+                .collect();
+            let refused = texts.iter().zip(&valid).filter(|(_, valid)| !**valid);
+            decode_into_one_buffer(
+                &mut records,
+                refused.map(|((i, at), _)| (*i, &json[at.clone()])),
+            );
+            if fast::refused_texts_are_json(&records) {
+                let mut spans = Vec::with_capacity(texts.len());
+                for ((i, at), _) in texts.into_iter().zip(valid).filter(|(_, valid)| *valid) {
+                    match simd_engine(at.len()).decode_inplace(&mut json[at.clone()]) {
+                        Ok(decoded) => spans.push((i, at.start..at.start + decoded.len())),
+                        // Checked above, so never; but not silently empty if it were.
+                        Err(e) => {
+                            records[i].data = Err(BadData {
+                                message: format!("`data` is not valid base64: {e}"),
+                                raw: Bytes::new(),
+                            })
+                        }
+                    }
+                }
+                let body: Bytes = body.into();
+                for (i, span) in spans {
+                    records[i].data = Ok(body.slice(span));
+                }
+                return Ok(KinesisEvent { records });
+            }
+        }
+        Ok(serde_json::from_slice(body.as_ref())?)
     }
 }
 
@@ -138,7 +200,7 @@ impl<'de> Deserialize<'de> for Records {
                     records.push(record);
                     texts.extend(text.map(|text| (i, text)));
                 }
-                decode_into_one_buffer(&mut records, &texts);
+                decode_into_one_buffer(&mut records, texts.iter().map(|(i, t)| (*i, &*t.0)));
                 Ok(Records(records))
             }
         }
@@ -209,16 +271,19 @@ impl<'de: 'a, 'a> FromJsonStr<'de> for Text<'a> {
 
 /// Decodes the `data` texts (each with the index of its record) into one buffer, which the
 /// records then share: one allocation per event rather than one per record.
-fn decode_into_one_buffer(records: &mut [EventRecord], texts: &[(usize, Text)]) {
+fn decode_into_one_buffer<'t>(
+    records: &mut [EventRecord],
+    texts: impl Iterator<Item = (usize, &'t [u8])> + Clone,
+) {
     // Base64 is 4 characters for 3 bytes; the last group may be short.
-    let capacity = texts.iter().map(|(_, t)| t.0.len() / 4 * 3 + 3).sum();
+    let capacity = texts.clone().map(|(_, t)| t.len() / 4 * 3 + 3).sum();
     let mut buffer = Vec::with_capacity(capacity);
-    let mut spans = Vec::with_capacity(texts.len());
+    let mut spans = Vec::new();
     for (i, text) in texts {
         let start = buffer.len();
-        match decode_append(&text.0, &mut buffer) {
-            Ok(()) => spans.push((*i, start..buffer.len())),
-            Err(bad) => records[*i].data = Err(bad),
+        match decode_append(text, &mut buffer) {
+            Ok(()) => spans.push((i, start..buffer.len())),
+            Err(bad) => records[i].data = Err(bad),
         }
     }
     let buffer = Bytes::from(buffer);
@@ -227,14 +292,19 @@ fn decode_into_one_buffer(records: &mut [EventRecord], texts: &[(usize, Text)]) 
     }
 }
 
+/// The fast decoder for a text of `len` characters: padding is optional.
+fn simd_engine(len: usize) -> &'static base64_simd::Base64 {
+    if len.is_multiple_of(4) {
+        &base64_simd::STANDARD
+    } else {
+        &base64_simd::STANDARD_NO_PAD
+    }
+}
+
 /// Appends the bytes that `text` encodes to `buffer`, or says why it cannot (leaving
 /// `buffer` as it was).
 fn decode_append(text: &[u8], buffer: &mut Vec<u8>) -> Result<(), BadData> {
-    let simd = if text.len().is_multiple_of(4) {
-        base64_simd::STANDARD
-    } else {
-        base64_simd::STANDARD_NO_PAD
-    };
+    let simd = simd_engine(text.len());
     // What the fast decoder rejects goes to the `base64` crate, which accepts a few odd
     // paddings more (the two agree on everything else: tested below) and says what is
     // wrong, and where.
