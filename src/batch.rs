@@ -18,7 +18,10 @@ use aws_lambda_events::event::streams::KinesisEventResponse;
 use futures::{FutureExt, StreamExt};
 
 use crate::event::EventRecord;
-use crate::kpl::{DeaggError, Deaggregated, UserRecord, deaggregate_all, deaggregate_with};
+use crate::kpl::{
+    DeaggError, Deaggregated, UserRecord, deaggregate_all, deaggregate_each, deaggregate_with,
+    deaggregation_overlaps,
+};
 use crate::metrics::Metrics;
 use crate::settings::Settings;
 use crate::transform::{KinesisRecordInfo, RecordContext, Transform};
@@ -351,65 +354,77 @@ pub async fn process<T: Transform>(
         .iter()
         .map(|r| r.data.clone().unwrap_or_default())
         .collect();
-    let deaggregated = deaggregate_all(&data, settings.verify_checksum);
-    drop(data);
-    let mut unpacked = Vec::with_capacity(records.len());
-    for ((index, record), deaggregated) in records.iter().enumerate().zip(deaggregated) {
-        if let Some(t) = record.approximate_arrival {
-            stats.oldest_arrival = Some(stats.oldest_arrival.map_or(t, |o| o.min(t)));
-        }
-        let u = unpack_from(record, deaggregated, settings);
-        stats.bytes += u.decoded_len as u64;
-        let passed_through: Option<Arc<str>> = match &u.outcome {
-            RecordOutcome::Plain => None,
-            RecordOutcome::Aggregated => {
-                stats.aggregated_records += 1;
-                None
-            }
-            RecordOutcome::EmptyAggregate => {
-                stats.aggregated_records += 1;
-                stats.empty_aggregates += 1;
-                None
-            }
-            RecordOutcome::ChecksumMismatch => {
-                stats.checksum_mismatches += 1;
-                Some("KPL magic with a wrong MD5".into())
-            }
-            RecordOutcome::Corrupt(error, action) => {
-                match action {
-                    OnCorrupt::Fail => {
-                        stats.corrupt_failed += 1;
-                        floor.lower(index, StopReason::Corrupt(error.clone()));
-                    }
-                    OnCorrupt::Passthrough => stats.corrupt_passed_through += 1,
-                    OnCorrupt::Skip => stats.corrupt_skipped += 1,
+    // In order on one core, each aggregate is split when its turn comes: only its user
+    // records are in memory, not the batch's. Split all at once, the work overlaps the MD5s
+    // on a second core, and the concurrent mode needs every record up front for its lanes.
+    let eager = settings.mode == Mode::Concurrent
+        || deaggregation_overlaps(&data, settings.verify_checksum);
+    let deaggregated: Box<dyn Iterator<Item = _>> = if eager {
+        Box::new(deaggregate_all(&data, settings.verify_checksum).into_iter())
+    } else {
+        Box::new(deaggregate_each(&data, settings.verify_checksum))
+    };
+    let mut unpacked =
+        records
+            .iter()
+            .enumerate()
+            .zip(deaggregated)
+            .map(|((index, record), deaggregated)| {
+                if let Some(t) = record.approximate_arrival {
+                    stats.oldest_arrival = Some(stats.oldest_arrival.map_or(t, |o| o.min(t)));
                 }
-                Some(error.kind.to_string().into())
-            }
-        };
-        stats.user_records += u.user_records.len() as u64;
-        stats.lossy_keys += u.user_records.iter().filter(|r| r.has_lossy_keys()).count() as u64;
-        unpacked.push((u, passed_through));
-    }
-    // Contexts are made as records are reached, not all up front.
-    let items = unpacked.into_iter().zip(records).enumerate().flat_map(
-        |(index, ((u, passed_through), record))| {
-            let info = Arc::new(KinesisRecordInfo {
-                sequence_number: record.sequence_number.clone(),
-                shard_id: record.shard_id.clone(),
-                stream_arn: record.event_source_arn.clone(),
-                approximate_arrival: record.approximate_arrival,
-                aggregated: matches!(u.outcome, RecordOutcome::Aggregated),
-                passed_through,
-                metrics: metrics.clone(),
+                let u = unpack_from(record, deaggregated, settings);
+                stats.bytes += u.decoded_len as u64;
+                let passed_through: Option<Arc<str>> = match &u.outcome {
+                    RecordOutcome::Plain => None,
+                    RecordOutcome::Aggregated => {
+                        stats.aggregated_records += 1;
+                        None
+                    }
+                    RecordOutcome::EmptyAggregate => {
+                        stats.aggregated_records += 1;
+                        stats.empty_aggregates += 1;
+                        None
+                    }
+                    RecordOutcome::ChecksumMismatch => {
+                        stats.checksum_mismatches += 1;
+                        Some("KPL magic with a wrong MD5".into())
+                    }
+                    RecordOutcome::Corrupt(error, action) => {
+                        match action {
+                            OnCorrupt::Fail => {
+                                stats.corrupt_failed += 1;
+                                floor.lower(index, StopReason::Corrupt(error.clone()));
+                            }
+                            OnCorrupt::Passthrough => stats.corrupt_passed_through += 1,
+                            OnCorrupt::Skip => stats.corrupt_skipped += 1,
+                        }
+                        Some(error.kind.to_string().into())
+                    }
+                };
+                stats.user_records += u.user_records.len() as u64;
+                stats.lossy_keys +=
+                    u.user_records.iter().filter(|r| r.has_lossy_keys()).count() as u64;
+                (index, u, passed_through)
             });
-            u.user_records.into_iter().map(move |user| Item {
-                index,
-                context: RecordContext::of(&info, user.sub_sequence_number()),
-                record: user,
-            })
-        },
-    );
+    // Contexts are made as records are reached, not all up front.
+    let to_items = |(index, u, passed_through): (usize, Unpacked, Option<Arc<str>>)| {
+        let record = &records[index];
+        let info = Arc::new(KinesisRecordInfo {
+            sequence_number: record.sequence_number.clone(),
+            shard_id: record.shard_id.clone(),
+            stream_arn: record.event_source_arn.clone(),
+            approximate_arrival: record.approximate_arrival,
+            aggregated: matches!(u.outcome, RecordOutcome::Aggregated),
+            passed_through,
+            metrics: metrics.clone(),
+        });
+        u.user_records.into_iter().map(move |user| Item {
+            index,
+            context: RecordContext::of(&info, user.sub_sequence_number()),
+            record: user,
+        })
+    };
 
     let stop_at = deadline.map(|d| d.checked_sub(settings.deadline_margin()).unwrap_or(d));
     let run = Run {
@@ -421,15 +436,18 @@ pub async fn process<T: Transform>(
         failed: Cell::new(0),
     };
     match settings.mode {
-        Mode::Ordered => run.lane(items).await,
+        Mode::Ordered => run.lane(unpacked.by_ref().flat_map(to_items)).await,
         Mode::Concurrent => {
-            futures::stream::iter(lanes_by_partition_key(items))
+            let lanes = lanes_by_partition_key(unpacked.by_ref().flat_map(to_items));
+            futures::stream::iter(lanes)
                 .map(|lane| run.lane(lane.into_iter()))
                 .buffer_unordered(settings.concurrency.into())
                 .collect::<()>()
                 .await
         }
     }
+    // A batch that stopped early still counts (and logs) every record it held.
+    unpacked.for_each(drop);
     stats.succeeded = run.succeeded.get();
     stats.failed = run.failed.get();
     let index = floor.index.get();

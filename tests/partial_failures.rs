@@ -120,6 +120,29 @@ async fn a_failure_inside_an_aggregate_reports_its_sequence_number_and_nothing_e
     ));
 }
 
+/// Aggregates are split when reached (one at a time) for small batches or on one core, all
+/// at once when the MD5s can run beside the split: either way, a batch that stops early
+/// still counts every record it held.
+#[tokio::test]
+async fn a_batch_that_stops_early_still_counts_every_record() {
+    let big = vec![b'x'; 40_000]; // two of these pass the 64 KiB of the all-at-once split
+    for size in [&b"ok"[..], &big] {
+        let e = event(vec![
+            aggregate("1", &[("k0", b"fail"), ("k1", size)]),
+            aggregate("2", &[("k0", size), ("k1", size), ("k2", size)]),
+            record("3", "a", "***"),
+        ]);
+        let (outcome, seen) = run(&e, &with_policy(OnCorrupt::Fail)).await;
+        assert_eq!(seqs(&seen), ["1/Some(0)"]);
+        assert_eq!(outcome.failure.unwrap().index, 0);
+        let s = &outcome.stats;
+        assert_eq!(
+            (s.user_records, s.aggregated_records, s.corrupt_failed),
+            (5, 2, 1)
+        );
+    }
+}
+
 #[tokio::test]
 async fn a_panicking_transform_fails_its_record_not_the_runtime() {
     let e = event(vec![

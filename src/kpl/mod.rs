@@ -307,55 +307,99 @@ pub fn deaggregate_all(
     records: &[Bytes],
     verify_checksum: bool,
 ) -> Vec<Result<Deaggregated, DeaggError>> {
-    /// Below this many bytes of aggregates, a thread costs more than it saves.
-    const PARALLEL_MIN_BYTES: usize = 64 * 1024;
-    let parts: Vec<(usize, &[u8], &[u8])> = records
-        .iter()
-        .enumerate()
-        .filter_map(|(i, data)| checksum_parts(data).map(|(body, digest)| (i, body, digest)))
-        .collect();
-    let verify = || -> Vec<bool> {
-        let bodies: Vec<&[u8]> = parts.iter().map(|&(_, body, _)| body).collect();
-        let digests = md5_many(&bodies);
-        digests
-            .iter()
-            .zip(&parts)
-            .map(|(digest, &(_, _, expected))| digest[..] == *expected)
-            .collect()
-    };
     let decode = || -> Vec<Result<Deaggregated, DeaggError>> {
         records
             .iter()
             .map(|data| finish(data.clone(), None))
             .collect()
     };
-    let (mut results, matches) = if !verify_checksum {
-        (decode(), vec![true; parts.len()])
-    } else if parts.iter().map(|p| p.1.len()).sum::<usize>() >= PARALLEL_MIN_BYTES && spare_core() {
+    let (mut results, verdicts) = if !verify_checksum {
+        (decode(), vec![])
+    } else if deaggregation_overlaps(records, verify_checksum) {
         std::thread::scope(|s| {
             // A thread that cannot be made (a process limit) only costs the parallelism.
-            match std::thread::Builder::new().spawn_scoped(s, verify) {
+            match std::thread::Builder::new().spawn_scoped(s, || verdicts(records)) {
                 Ok(verifying) => {
                     let decoded = decode();
-                    let matches = verifying.join();
+                    let verdicts = verifying.join();
                     (
                         decoded,
-                        matches.unwrap_or_else(|p| std::panic::resume_unwind(p)),
+                        verdicts.unwrap_or_else(|p| std::panic::resume_unwind(p)),
                     )
                 }
-                Err(_) => (decode(), verify()),
+                Err(_) => (decode(), verdicts(records)),
             }
         })
     } else {
-        let matches = verify();
-        (decode(), matches)
+        let verdicts = verdicts(records);
+        (decode(), verdicts)
     };
-    for (&(i, _, _), matched) in parts.iter().zip(matches) {
-        if !matched {
+    for (i, verdict) in verdicts.into_iter().enumerate() {
+        if verdict == Some(false) {
             results[i] = Ok(Deaggregated::ChecksumMismatch(records[i].clone()));
         }
     }
     results
+}
+
+/// [`deaggregate_all`], each record split only when the iterator reaches it, so that a caller
+/// consuming them in order holds one aggregate's user records at a time rather than the
+/// batch's. The MD5s are still computed side by side first, on this thread.
+///
+/// # Examples
+///
+/// ```
+/// use kinesis_deagg::kpl::{deaggregate_each, Aggregator, Deaggregated};
+/// let mut agg = Aggregator::new();
+/// agg.add("k", None, b"hello").unwrap();
+/// let aggregate = agg.finish().unwrap().data;
+/// let records = [aggregate, "plain".into()];
+/// let mut results = deaggregate_each(&records, true);
+/// assert!(matches!(results.next(), Some(Ok(Deaggregated::Aggregated(users))) if users.len() == 1));
+/// assert_eq!(results.next(), Some(Ok(Deaggregated::Plain("plain".into()))));
+/// ```
+pub fn deaggregate_each(
+    records: &[Bytes],
+    verify_checksum: bool,
+) -> impl Iterator<Item = Result<Deaggregated, DeaggError>> + '_ {
+    let verdicts = if verify_checksum {
+        verdicts(records)
+    } else {
+        vec![None; records.len()]
+    };
+    records
+        .iter()
+        .zip(verdicts)
+        .map(|(data, verdict)| finish(data.clone(), verdict))
+}
+
+/// Whether [`deaggregate_all`] computes the MD5s on a second thread while this one decodes:
+/// only with a second core (`std::thread::available_parallelism`) and at least 64 KiB of
+/// aggregates to verify, below which a thread costs more than it saves.
+pub fn deaggregation_overlaps(records: &[Bytes], verify_checksum: bool) -> bool {
+    const PARALLEL_MIN_BYTES: usize = 64 * 1024;
+    let aggregate_bytes = || -> usize {
+        let parts = records.iter().filter_map(|data| checksum_parts(data));
+        parts.map(|(body, _)| body.len()).sum()
+    };
+    verify_checksum && spare_core() && aggregate_bytes() >= PARALLEL_MIN_BYTES
+}
+
+/// For each record: whether its MD5 trailer matches (`Some`), or `None` when it is not shaped
+/// like an aggregate. The MD5s are computed side by side ([`md5_many`]).
+fn verdicts(records: &[Bytes]) -> Vec<Option<bool>> {
+    let parts: Vec<Option<(&[u8], &[u8])>> =
+        records.iter().map(|data| checksum_parts(data)).collect();
+    let bodies: Vec<&[u8]> = parts.iter().flatten().map(|&(body, _)| body).collect();
+    let mut digests = md5_many(&bodies).into_iter();
+    parts
+        .iter()
+        .map(|part| {
+            let (_, expected) = (*part)?;
+            // One digest per body; were one missing, a mismatch is the safe verdict.
+            Some(digests.next().is_some_and(|digest| digest[..] == *expected))
+        })
+        .collect()
 }
 
 /// True when this process may run on more than one core (cached: the answer does not change

@@ -425,8 +425,8 @@ mod wire_matches_prost {
     }
 }
 
-/// `deaggregate_all` gives what `deaggregate_with` gives record by record, on batches mixing
-/// aggregates, wrong checksums, corrupt protobuf and plain data.
+/// `deaggregate_all` and `deaggregate_each` give what `deaggregate_with` gives record by
+/// record, on batches mixing aggregates, wrong checksums, corrupt protobuf and plain data.
 mod deaggregate_all_matches_one_by_one {
     use proptest::prelude::*;
 
@@ -472,6 +472,8 @@ mod deaggregate_all_matches_one_by_one {
                 .map(|r| deaggregate_with(r.clone(), verify))
                 .collect();
             assert_eq!(deaggregate_all(records, verify), one_by_one);
+            let each: Vec<_> = deaggregate_each(records, verify).collect();
+            assert_eq!(each, one_by_one);
         }
     }
 
