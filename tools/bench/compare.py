@@ -17,8 +17,9 @@ decoding at the speed of the fastest decoder found here); then our user records/
 and the ratios.
 
 Table 2: ours in-process on two cores (taskset -c 0,1: the MD5s run beside the protobuf
-decoding), and the release binary through a local Runtime API on one core (the body sent over
-loopback included), its start-up to the first Runtime API request and its peak RSS.
+decoding), and the release binary through a local Runtime API (the body sent over loopback
+included), on one core and on two: time per event and peak RSS (median, highest), and its
+start-up to the first Runtime API request.
 """
 import base64
 import binascii
@@ -163,13 +164,14 @@ def main():
         "ours2": lambda: run(["cargo", "bench", "--quiet", "--bench", "workloads", "--"], paths, TWO_CORES),
         # Pins itself (server on core 1, the function on core 0).
         "api": lambda: run([sys.executable, "tools/bench/runtime_api.py", DEAGG], paths, cores=[]),
+        "api2": lambda: run([sys.executable, "tools/bench/runtime_api.py", "--two-cores", DEAGG], paths, cores=[]),
         "python": lambda: run([VENV_PY, "tools/bench/python_deagg.py"], paths),
         "node": lambda: run(["node", "tools/bench/node_deagg.js"], paths),
     }
     # Shared machines slow down for seconds at a time: every measurement is taken ROUNDS times,
     # the rounds interleaved, and each figure is the median of its rounds.
     rounds = [{who: measure() for who, measure in measurements.items()} for _ in range(ROUNDS)]
-    ours, ours2, api, python, node = (median_of([r[who] for r in rounds]) for who in measurements)
+    ours, ours2, api, api2, python, node = (median_of([r[who] for r in rounds]) for who in measurements)
     md5 = statistics.median(md5_rate() for _ in range(ROUNDS))
     data = json.load(open(paths["W1"]))["Records"][0]["kinesis"]["data"]
     b64 = statistics.median(base64_rate(data) for _ in range(ROUNDS))
@@ -186,13 +188,15 @@ def main():
         print(f"{name:8} {users:>9} {mb:>5.1f} | {o:>7.2f} {p:>7.2f} {n:>7.2f} {b:>6.2f}    | "
               f"{users / o * 1000:>9.0f} {mb / o * 1000:>6.0f} | {p / o:>7.2f} {n / o:>9.2f} {o / b:>10.2f}")
     print()
-    print(f"{'workload':8} | {'2 cores':>7} {'/bound':>6} {'vs 1':>5} | {'runtime API':>11} {'peak RSS (max)':>15}")
+    print(f"{'workload':8} | {'2 cores':>7} {'/bound':>6} {'vs 1':>5} | {'runtime API, 1 core':>28} | "
+          f"{'runtime API, 2 cores':>28}")
     for name, path in paths.items():
         o, t = ours[name]["median_ms"], ours2[name]["median_ms"]
-        a = api[name]
-        rss_max = max(r["api"][name]["peak_rss_mb"] for r in rounds)
-        print(f"{name:8} | {t:>7.2f} {t / bound_ms(path, md5, b64):>6.2f} {o / t:>5.2f} | "
-              f"{a['median_ms']:>8.2f} ms {a['peak_rss_mb']:>6.1f} ({rss_max:.1f}) MB")
+        api_cells = []
+        for who, a in [("api", api[name]), ("api2", api2[name])]:
+            rss_max = max(r[who][name]["peak_rss_mb"] for r in rounds)
+            api_cells.append(f"{a['median_ms']:>6.2f} ms {a['peak_rss_mb']:>5.1f} ({rss_max:.1f}) MB")
+        print(f"{name:8} | {t:>7.2f} {t / bound_ms(path, md5, b64):>6.2f} {o / t:>5.2f} | " + " | ".join(api_cells))
     starts = sorted(r["api"][name]["startup_ms"] for r in rounds for name in paths)
     print(f"start-up to the first Runtime API request: median {statistics.median(starts):.1f} ms "
           f"of {len(starts)} spawns (min {starts[0]:.1f}, max {starts[-1]:.1f})")

@@ -9,6 +9,9 @@ minor page faults per invocation after the warm-up.
 
 Prints one JSON line per file: median_ms, startup_ms, peak_rss_mb, page_faults. Used by
 compare.py.
+
+With `--two-cores` the function may use both cores (the server too): the batch then splits
+all aggregates at once while the MD5s run on the second core, which holds more memory.
 """
 import json
 import os
@@ -81,7 +84,7 @@ class Api:
             return (self.done_at - self.sent_at) * 1000
 
 
-def measure(binary, path, core):
+def measure(binary, path, cores):
     body = open(path, "rb").read()
     api = Api()
     env = dict(os.environ, AWS_LAMBDA_RUNTIME_API=f"127.0.0.1:{api.server.server_address[1]}",
@@ -89,7 +92,7 @@ def measure(binary, path, core):
                AWS_LAMBDA_FUNCTION_VERSION="$LATEST", DEAGG_TRANSFORM="discard", DEAGG_METRICS="off",
                RUST_LOG="warn")
     spawned = time.perf_counter()
-    proc = subprocess.Popen(["taskset", "-c", str(core), binary], env=env,
+    proc = subprocess.Popen(["taskset", "-c", cores, binary], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         with api.cond:
@@ -118,11 +121,14 @@ def minor_faults(pid):
 
 
 def main():
-    binary, paths = sys.argv[1], sys.argv[2:]
-    # This server on the second core, the function alone on the first.
-    os.sched_setaffinity(0, {1})
+    args = sys.argv[1:]
+    two_cores = "--two-cores" in args
+    binary, *paths = [a for a in args if a != "--two-cores"]
+    if not two_cores:
+        # This server on the second core, the function alone on the first.
+        os.sched_setaffinity(0, {1})
     for path in paths:
-        print(json.dumps(measure(binary, path, 0)), flush=True)
+        print(json.dumps(measure(binary, path, "0,1" if two_cores else "0")), flush=True)
 
 
 if __name__ == "__main__":
