@@ -17,7 +17,7 @@ use std::ops::Range;
 
 use memchr::memchr2;
 
-use super::{EventRecord, FromJsonStr, Lenient, Loose, RawKinesis, RawRecord, Text};
+use super::{EventRecord, FromJsonStr, Lenient, Loose, RawKinesis, RawRecord, Repeated, Text};
 
 /// Where the `data` texts are: the index of each one's record, and its bytes in the event.
 pub(super) type Texts = Vec<(usize, Range<usize>)>;
@@ -239,13 +239,14 @@ impl<'a> Scanner<'a> {
         let mut records = Vec::new();
         let mut texts = Vec::new();
         let base = self.json.as_ptr() as usize;
+        let mut repeated = Repeated::default();
         self.array(1, |scan| {
             let raw = match scan.peek()? {
                 b'{' => Lenient::Object(scan.record()?),
                 _ => Lenient::Not(scan.skip(2)?),
             };
             // A record serde refuses fails the event: serde says how.
-            let (record, text) = EventRecord::from_raw(raw).ok()?;
+            let (record, text) = EventRecord::from_raw(raw, &mut repeated).ok()?;
             match text {
                 Some(Text(Cow::Borrowed(text))) => {
                     let start = text.as_ptr() as usize - base;

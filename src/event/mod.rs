@@ -193,9 +193,10 @@ impl<'de> Deserialize<'de> for Records {
             fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Records, A::Error> {
                 let mut records = Vec::with_capacity(seq.size_hint().unwrap_or(0));
                 let mut texts = Vec::with_capacity(records.capacity());
+                let mut repeated = Repeated::default();
                 while let Some(raw) = seq.next_element::<Lenient<RawRecord>>()? {
                     let i = records.len();
-                    let (record, text) = EventRecord::from_raw(raw)
+                    let (record, text) = EventRecord::from_raw(raw, &mut repeated)
                         .map_err(|e| A::Error::custom(format!("record {i}: {e}")))?;
                     records.push(record);
                     texts.extend(text.map(|text| (i, text)));
@@ -216,10 +217,10 @@ impl<'de> Deserialize<'de> for Records {
 struct RawRecord<'a> {
     #[serde(borrow)]
     kinesis: Option<Lenient<RawKinesis<'a>>>,
-    #[serde(rename = "eventID")]
-    event_id: Option<Loose>,
-    #[serde(rename = "eventSourceARN")]
-    event_source_arn: Option<Loose>,
+    #[serde(rename = "eventID", borrow)]
+    event_id: Option<Loose<Str<'a>>>,
+    #[serde(rename = "eventSourceARN", borrow)]
+    event_source_arn: Option<Loose<Str<'a>>>,
     #[serde(rename = "SequenceNumber")]
     get_records_sequence_number: Option<Loose>,
     #[serde(rename = "PartitionKey")]
@@ -252,6 +253,36 @@ trait FromJsonStr<'de>: Sized {
 impl FromJsonStr<'_> for Arc<str> {
     fn from_json_str(s: &str) -> Self {
         Arc::from(s)
+    }
+}
+
+/// A string that is the same in most records of an event (the shard, the stream): read
+/// without a copy, then shared through [`Repeated`].
+struct Str<'de>(Cow<'de, str>);
+
+impl<'de: 'a, 'a> FromJsonStr<'de> for Str<'a> {
+    fn from_json_str(s: &str) -> Self {
+        Str(Cow::Owned(s.to_owned()))
+    }
+    fn from_borrowed(s: &'de str) -> Self {
+        Str(Cow::Borrowed(s))
+    }
+}
+
+/// The shard id and stream ARN of the last record read: an event holds one shard of one
+/// stream, so each record shares them instead of allocating its own.
+#[derive(Default)]
+struct Repeated {
+    shard_id: Option<Arc<str>>,
+    stream_arn: Option<Arc<str>>,
+}
+
+impl Repeated {
+    fn share(slot: &mut Option<Arc<str>>, s: &str) -> Arc<str> {
+        match slot {
+            Some(last) if **last == *s => last.clone(),
+            _ => slot.insert(Arc::from(s)).clone(),
+        }
     }
 }
 
@@ -437,7 +468,10 @@ impl EventRecord {
     /// Reads one record: `{"kinesis": {...}, "eventID", "eventSourceARN"}` from Lambda, or
     /// `{"Data", "PartitionKey", "SequenceNumber"}` from `get-records`. A `data` text comes
     /// back beside the record, still to be decoded.
-    fn from_raw(raw: Lenient<RawRecord>) -> Result<(Self, Option<Text>), String> {
+    fn from_raw<'a>(
+        raw: Lenient<RawRecord<'a>>,
+        repeated: &mut Repeated,
+    ) -> Result<(Self, Option<Text<'a>>), String> {
         let raw = match raw {
             Lenient::Object(raw) => raw,
             Lenient::Not(kind) => {
@@ -504,15 +538,23 @@ impl EventRecord {
             }
             _ => None,
         };
-        let shard_id = text(raw.event_id)
-            .and_then(|id: Arc<str>| id.split_once(':').map(|(shard, _)| Arc::from(shard)));
+        let shard_id = match raw.event_id {
+            Some(Loose::Str(Str(id))) => id
+                .split_once(':')
+                .map(|(shard, _)| Repeated::share(&mut repeated.shard_id, shard)),
+            _ => None,
+        };
+        let event_source_arn = match raw.event_source_arn {
+            Some(Loose::Str(Str(arn))) => Some(Repeated::share(&mut repeated.stream_arn, &arn)),
+            _ => None,
+        };
         let record = EventRecord {
             sequence_number,
             partition_key: text(pk).unwrap_or_else(|| Arc::from("")),
             data,
             approximate_arrival,
             shard_id,
-            event_source_arn: text(raw.event_source_arn),
+            event_source_arn,
         };
         Ok((record, data_text))
     }
@@ -564,6 +606,38 @@ mod tests {
             .as_millis();
         assert_eq!(ms, 1_545_084_650_987);
         assert_eq!(&r.decode_data().unwrap()[..], b"hi");
+    }
+
+    #[test]
+    fn records_share_their_shard_and_stream_but_keep_their_own_when_they_differ() {
+        let rec = |shard: u8, stream: &str| {
+            format!(
+                r#"{{"kinesis":{{"sequenceNumber":"1","data":""}},"eventID":"shardId-{shard}:1","eventSourceARN":"arn:{stream}"}}"#
+            )
+        };
+        let (a, b) = (rec(1, "a"), rec(2, "b"));
+        let json = format!(r#"{{"Records":[{a},{a},{b},{a}]}}"#);
+        let fast = KinesisEvent::from_slice(json.as_bytes()).unwrap();
+        let serde = serde_json::from_str::<KinesisEvent>(&json).unwrap();
+        for event in [fast, serde] {
+            let r = &event.records;
+            let got: Vec<_> = r
+                .iter()
+                .map(|r| (r.shard_id.as_deref(), r.event_source_arn.as_deref()))
+                .collect();
+            let (one, two) = (
+                (Some("shardId-1"), Some("arn:a")),
+                (Some("shardId-2"), Some("arn:b")),
+            );
+            assert_eq!(got, [one, one, two, one]);
+            let same = |i: usize, j: usize| {
+                Arc::ptr_eq(
+                    r[i].shard_id.as_ref().unwrap(),
+                    r[j].shard_id.as_ref().unwrap(),
+                )
+            };
+            assert!(same(0, 1) && !same(1, 2));
+        }
     }
 
     #[test]
