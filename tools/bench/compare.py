@@ -8,7 +8,7 @@ Workloads (generated deterministically into target/bench/):
   W3     3,166 plain ~1 KB records
   W5     88 x 50 KB aggregates (the KPL's default aggregate size)
 
-Every figure is the median of 3 interleaved rounds (each a median of 30 runs).
+Every figure is the median of 5 interleaved rounds (each a median of 30 runs).
 
 Table 1, one core: median ms per event for ours (in-process: KinesisEvent::from_slice +
 Processor::handle with the discard transform), the official Python and Node modules doing the
@@ -140,7 +140,7 @@ def monthly_cost(ms_per_event, user_records_per_event):
     return billed_s * MEMORY_GB * PRICE_GB_S + events * PRICE_REQUEST
 
 
-ROUNDS = 3
+ROUNDS = 5
 
 
 def median_of(results):
