@@ -75,10 +75,11 @@ struct Scanner<'a> {
     checked_from: usize,
 }
 
-/// UTF-8 is checked this many bytes at a time (one `from_utf8` per string would cost more
-/// than the check itself on events of short strings), but never over a `data` text that
-/// does not fall in such a stretch: base64 text is checked by its decoder.
-const UTF8_STRETCH: usize = 64 << 10;
+/// UTF-8 is checked this many bytes at a time: one `from_utf8` per string would cost more
+/// than the check itself on events of short strings, and the whole event at once would check
+/// the `data` texts too, which their base64 decoder checks anyway. A stretch reaches past
+/// the string that starts it: into a big `data` text, 4 KiB wastes little (W5's are 68 KB).
+const UTF8_STRETCH: usize = 4 << 10;
 
 /// Where the first `"`, `\` or control character of `bytes` is. Eight bytes at a time, as
 /// serde_json scans strings: a flagged byte may be wrong only after a right one, so the
@@ -610,7 +611,7 @@ mod tests {
     /// into a `data` text or a long string, are read as serde reads them.
     #[test]
     fn long_strings_are_checked_across_stretches() {
-        let long = "\u{e9}".repeat(50_000); // 100 KB of two-byte characters
+        let long = "\u{e9}".repeat(50_000); // 100 KB of two-byte characters, many stretches
         for odd in [0, 1] {
             let pad = "x".repeat(odd);
             let json = format!(
