@@ -629,6 +629,28 @@ mod tests {
         }
     }
 
+    /// Big and small texts, refused ones among them, decoded in place: the same records as
+    /// serde.
+    #[test]
+    fn big_events_decode_in_place_alike() {
+        let mut records: Vec<String> = [100_000, 5, 200_000, 0, 150_000, 90_000]
+            .iter()
+            .enumerate()
+            .map(|(i, &n)| lambda_record(i, n))
+            .collect();
+        records.insert(
+            1,
+            r#"{"kinesis":{"sequenceNumber":"7","data":"!!"}}"#.into(),
+        );
+        records.push(r#"{"kinesis":{"sequenceNumber":"8","data":"aGk"}}"#.into());
+        records.push(r#"{"kinesis":{"sequenceNumber":"9","data":"%%"}}"#.into());
+        let json = format!(r#"{{"Records":[{}]}}"#, records.join(","));
+        agrees(json.as_bytes()).unwrap();
+        let event = KinesisEvent::from_owned(json.into_bytes()).unwrap();
+        assert_eq!(event.records[3].data.as_ref().unwrap().len(), 200_000);
+        assert_eq!(&event.records[7].data.as_ref().unwrap()[..], b"hi");
+    }
+
     #[test]
     fn what_serde_decides_takes_the_slow_path() {
         for json in [

@@ -13,22 +13,13 @@ use std::borrow::Cow;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use base64::Engine;
-use base64::engine::{DecodePaddingMode, GeneralPurpose, GeneralPurposeConfig};
 use bytes::Bytes;
 use serde::de::value::MapAccessDeserializer;
 use serde::de::{Error as _, IgnoredAny, MapAccess, SeqAccess, Visitor};
 use serde::{Deserialize, Deserializer};
 
+mod decode;
 mod fast;
-
-/// Standard alphabet; padding optional, since a producer's unpadded base64 is still
-/// unambiguous and is not worth blocking a shard over. Only used to explain a failure: valid
-/// data is decoded by `base64_simd`, several times faster.
-const BASE64: GeneralPurpose = GeneralPurpose::new(
-    &base64::alphabet::STANDARD,
-    GeneralPurposeConfig::new().with_decode_padding_mode(DecodePaddingMode::Indifferent),
-);
 
 /// A Lambda Kinesis event (or `get-records` output), one [`EventRecord`] per Kinesis record.
 ///
@@ -99,7 +90,7 @@ impl KinesisEvent {
         // The fast path answers for the events Lambda sends; serde decides everything else.
         if let Some((mut records, texts)) = fast::read(json) {
             let texts = texts.into_iter().map(|(i, at)| (i, &json[at]));
-            decode_into_one_buffer(&mut records, texts);
+            decode::into_one_buffer(&mut records, texts);
             if fast::refused_texts_are_json(&records) {
                 return Ok(KinesisEvent { records });
             }
@@ -128,36 +119,21 @@ impl KinesisEvent {
     where
         B: AsRef<[u8]> + AsMut<[u8]> + Into<Bytes>,
     {
-        let json = body.as_mut();
-        if let Some((mut records, texts)) = fast::read(json) {
-            // Check every text first: a refused one must still be whole to be explained (or
-            // given to serde), and decoding in place overwrites it.
-            let valid: Vec<bool> = texts
-                .iter()
-                .map(|(_, at)| simd_engine(at.len()).check(&json[at.clone()]).is_ok())
-                .collect();
-            let refused = texts.iter().zip(&valid).filter(|(_, valid)| !**valid);
-            decode_into_one_buffer(
-                &mut records,
-                refused.map(|((i, at), _)| (*i, &json[at.clone()])),
-            );
+        if let Some((mut records, texts)) = fast::read(body.as_ref()) {
+            // A text the fast decoder refuses must still be whole to be explained (or, when it
+            // is not even a JSON string, for serde to read), and decoding in place overwrites:
+            // sort them all out before decoding any.
+            let json = body.as_ref();
+            let (valid, refused): (Vec<_>, Vec<_>) = texts
+                .into_iter()
+                .partition(|(_, at)| decode::accepts(&json[at.clone()]));
+            let refused = refused.iter().map(|(i, at)| (*i, &json[at.clone()]));
+            decode::into_one_buffer(&mut records, refused);
             if fast::refused_texts_are_json(&records) {
-                let mut spans = Vec::with_capacity(texts.len());
-                for ((i, at), _) in texts.into_iter().zip(valid).filter(|(_, valid)| *valid) {
-                    match simd_engine(at.len()).decode_inplace(&mut json[at.clone()]) {
-                        Ok(decoded) => spans.push((i, at.start..at.start + decoded.len())),
-                        // Checked above, so never; but not silently empty if it were.
-                        Err(e) => {
-                            records[i].data = Err(BadData {
-                                message: format!("`data` is not valid base64: {e}"),
-                                raw: Bytes::new(),
-                            })
-                        }
-                    }
-                }
+                let spans = decode::in_place(body.as_mut(), &valid);
                 let body: Bytes = body.into();
-                for (i, span) in spans {
-                    records[i].data = Ok(body.slice(span));
+                for ((i, _), span) in valid.into_iter().zip(spans) {
+                    records[i].data = span.map(|span| body.slice(span));
                 }
                 return Ok(KinesisEvent { records });
             }
@@ -201,7 +177,7 @@ impl<'de> Deserialize<'de> for Records {
                     records.push(record);
                     texts.extend(text.map(|text| (i, text)));
                 }
-                decode_into_one_buffer(&mut records, texts.iter().map(|(i, t)| (*i, &*t.0)));
+                decode::into_one_buffer(&mut records, texts.iter().map(|(i, t)| (*i, &*t.0)));
                 Ok(Records(records))
             }
         }
@@ -298,57 +274,6 @@ impl<'de: 'a, 'a> FromJsonStr<'de> for Text<'a> {
     fn from_borrowed(s: &'de str) -> Self {
         Text(Cow::Borrowed(s.as_bytes()))
     }
-}
-
-/// Decodes the `data` texts (each with the index of its record) into one buffer, which the
-/// records then share: one allocation per event rather than one per record.
-fn decode_into_one_buffer<'t>(
-    records: &mut [EventRecord],
-    texts: impl Iterator<Item = (usize, &'t [u8])> + Clone,
-) {
-    // Base64 is 4 characters for 3 bytes; the last group may be short.
-    let capacity = texts.clone().map(|(_, t)| t.len() / 4 * 3 + 3).sum();
-    let mut buffer = Vec::with_capacity(capacity);
-    let mut spans = Vec::new();
-    for (i, text) in texts {
-        let start = buffer.len();
-        match decode_append(text, &mut buffer) {
-            Ok(()) => spans.push((i, start..buffer.len())),
-            Err(bad) => records[i].data = Err(bad),
-        }
-    }
-    let buffer = Bytes::from(buffer);
-    for (i, span) in spans {
-        records[i].data = Ok(buffer.slice(span));
-    }
-}
-
-/// The fast decoder for a text of `len` characters: padding is optional.
-fn simd_engine(len: usize) -> &'static base64_simd::Base64 {
-    if len.is_multiple_of(4) {
-        &base64_simd::STANDARD
-    } else {
-        &base64_simd::STANDARD_NO_PAD
-    }
-}
-
-/// Appends the bytes that `text` encodes to `buffer`, or says why it cannot (leaving
-/// `buffer` as it was).
-fn decode_append(text: &[u8], buffer: &mut Vec<u8>) -> Result<(), BadData> {
-    let simd = simd_engine(text.len());
-    // What the fast decoder rejects goes to the `base64` crate, which accepts a few odd
-    // paddings more (the two agree on everything else: tested below) and says what is
-    // wrong, and where.
-    let start = buffer.len();
-    simd.decode_append(text, buffer)
-        .or_else(|_| BASE64.decode_vec(text, buffer))
-        .map_err(|e| {
-            buffer.truncate(start);
-            BadData {
-                message: format!("`data` is not valid base64: {e}"),
-                raw: Bytes::copy_from_slice(text),
-            }
-        })
 }
 
 /// Any JSON value, kept only as far as a record needs it: strings and numbers as they are,
@@ -695,24 +620,5 @@ mod tests {
                 .len(),
             0
         );
-    }
-}
-
-#[cfg(test)]
-mod base64_agreement {
-    use proptest::prelude::*;
-
-    use super::*;
-
-    proptest! {
-        /// Whatever the fast decoder accepts, the `base64` crate (padding optional) accepts
-        /// too, with the same bytes: the fast path changes no outcome.
-        #[test]
-        fn simd_and_scalar_decoders_agree(s in "[A-Za-z0-9+/=]{0,12}|[A-Za-z0-9+/]{0,12}") {
-            let mut fast = b"kept".to_vec();
-            let fast = decode_append(s.as_bytes(), &mut fast).map(|()| fast).map_err(|e| e.message);
-            let slow = BASE64.decode(&s).map(|d| [&b"kept"[..], &d].concat()).map_err(|e| format!("`data` is not valid base64: {e}"));
-            prop_assert_eq!(fast, slow);
-        }
     }
 }
