@@ -370,41 +370,8 @@ pub async fn process<T: Transform>(
             .enumerate()
             .zip(deaggregated)
             .map(|((index, record), deaggregated)| {
-                if let Some(t) = record.approximate_arrival {
-                    stats.oldest_arrival = Some(stats.oldest_arrival.map_or(t, |o| o.min(t)));
-                }
                 let u = unpack_from(record, deaggregated, settings);
-                stats.bytes += u.decoded_len as u64;
-                let passed_through: Option<Arc<str>> = match &u.outcome {
-                    RecordOutcome::Plain => None,
-                    RecordOutcome::Aggregated => {
-                        stats.aggregated_records += 1;
-                        None
-                    }
-                    RecordOutcome::EmptyAggregate => {
-                        stats.aggregated_records += 1;
-                        stats.empty_aggregates += 1;
-                        None
-                    }
-                    RecordOutcome::ChecksumMismatch => {
-                        stats.checksum_mismatches += 1;
-                        Some("KPL magic with a wrong MD5".into())
-                    }
-                    RecordOutcome::Corrupt(error, action) => {
-                        match action {
-                            OnCorrupt::Fail => {
-                                stats.corrupt_failed += 1;
-                                floor.lower(index, StopReason::Corrupt(error.clone()));
-                            }
-                            OnCorrupt::Passthrough => stats.corrupt_passed_through += 1,
-                            OnCorrupt::Skip => stats.corrupt_skipped += 1,
-                        }
-                        Some(error.kind.to_string().into())
-                    }
-                };
-                stats.user_records += u.user_records.len() as u64;
-                stats.lossy_keys +=
-                    u.user_records.iter().filter(|r| r.has_lossy_keys()).count() as u64;
+                let passed_through = tally(&mut stats, &floor, index, record, &u);
                 (index, u, passed_through)
             });
     // Contexts are made as records are reached, not all up front.
@@ -471,6 +438,50 @@ pub async fn process<T: Transform>(
         failure,
         stats,
         metrics: metrics.snapshot(),
+    }
+}
+
+/// Counts one unpacked record in `stats` (lowering the floor for a corrupt record that fails
+/// the batch) and says why it is passed through, if it is.
+fn tally(
+    stats: &mut BatchStats,
+    floor: &Floor,
+    index: usize,
+    record: &EventRecord,
+    u: &Unpacked,
+) -> Option<Arc<str>> {
+    if let Some(t) = record.approximate_arrival {
+        stats.oldest_arrival = Some(stats.oldest_arrival.map_or(t, |o| o.min(t)));
+    }
+    stats.bytes += u.decoded_len as u64;
+    stats.user_records += u.user_records.len() as u64;
+    stats.lossy_keys += u.user_records.iter().filter(|r| r.has_lossy_keys()).count() as u64;
+    match &u.outcome {
+        RecordOutcome::Plain => None,
+        RecordOutcome::Aggregated => {
+            stats.aggregated_records += 1;
+            None
+        }
+        RecordOutcome::EmptyAggregate => {
+            stats.aggregated_records += 1;
+            stats.empty_aggregates += 1;
+            None
+        }
+        RecordOutcome::ChecksumMismatch => {
+            stats.checksum_mismatches += 1;
+            Some("KPL magic with a wrong MD5".into())
+        }
+        RecordOutcome::Corrupt(error, action) => {
+            match action {
+                OnCorrupt::Fail => {
+                    stats.corrupt_failed += 1;
+                    floor.lower(index, StopReason::Corrupt(error.clone()));
+                }
+                OnCorrupt::Passthrough => stats.corrupt_passed_through += 1,
+                OnCorrupt::Skip => stats.corrupt_skipped += 1,
+            }
+            Some(error.kind.to_string().into())
+        }
     }
 }
 
