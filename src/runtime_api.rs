@@ -100,12 +100,12 @@ pub async fn run<T: Transform + 'static>(processor: Processor<T>) -> Result<(), 
         let span = lambda_runtime::layers::trace::request_span(&context);
         let outcome = AssertUnwindSafe(processor.handle_body(body, &context))
             .catch_unwind()
-            .instrument(span)
+            .instrument(span.clone())
             .await;
         let (path, payload, error_type) = match outcome {
             Ok(Ok(response)) => ("response", serde_json::to_vec(&response)?, None),
-            Ok(Err(e)) => error_payload("EventError", &e.to_string()),
-            Err(panic) => error_payload("Panic", &panic_message(&*panic)),
+            Ok(Err(e)) => error_payload(&span, "EventError", &e.to_string()),
+            Err(panic) => error_payload(&span, "Panic", &panic_message(&*panic)),
         };
         let mut request = build_request().method("POST").uri(format!(
             "/2018-06-01/runtime/invocation/{request_id}/{path}"
@@ -117,11 +117,14 @@ pub async fn run<T: Transform + 'static>(processor: Processor<T>) -> Result<(), 
     }
 }
 
-/// An `/error` payload as Lambda shows it, and the error type header.
+/// An `/error` payload as Lambda shows it, and the error type header; the error is also
+/// logged in the invocation's span (Lambda retries the whole batch).
 fn error_payload(
+    span: &tracing::Span,
     error_type: &'static str,
     message: &str,
 ) -> (&'static str, Vec<u8>, Option<&'static str>) {
+    span.in_scope(|| tracing::error!(error_type, "the invocation failed: {message}"));
     let body = json!({"errorType": error_type, "errorMessage": message});
     ("error", body.to_string().into_bytes(), Some("unhandled"))
 }

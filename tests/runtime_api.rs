@@ -328,6 +328,9 @@ fn json_logs_in_lambda_carry_the_request_id_and_the_record() {
         api.reply(),
         Reply::Response("req-42".into(), failures(&["9"]))
     );
+    // An event that cannot be read fails the invocation, and says so in the log.
+    api.push("req-43", "not an event".into());
+    assert!(matches!(api.reply(), Reply::Error(id, _) if id == "req-43"));
     drop(function);
     let text = std::fs::read_to_string(&log).unwrap();
     let _ = std::fs::remove_file(&log);
@@ -342,4 +345,11 @@ fn json_logs_in_lambda_carry_the_request_id_and_the_record() {
         "no request id in {error}"
     );
     assert_eq!(error["span"]["shard_id"], "shardId-000000000001");
+    let failed = text
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .find(|l| l["fields"]["message"].to_string().contains("the invocation failed"))
+        .unwrap_or_else(|| panic!("no invocation error in:\n{text}"));
+    assert!(failed["spans"].to_string().contains("req-43"), "{failed}");
+    assert!(failed["fields"]["message"].to_string().contains("not a Kinesis event"));
 }
