@@ -348,8 +348,16 @@ fn json_logs_in_lambda_carry_the_request_id_and_the_record() {
     let failed = text
         .lines()
         .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-        .find(|l| l["fields"]["message"].to_string().contains("the invocation failed"))
+        .find(|l| {
+            l["fields"]["message"]
+                .to_string()
+                .contains("the invocation failed")
+        })
         .unwrap_or_else(|| panic!("no invocation error in:\n{text}"));
     assert!(failed["spans"].to_string().contains("req-43"), "{failed}");
-    assert!(failed["fields"]["message"].to_string().contains("not a Kinesis event"));
+    assert!(
+        failed["fields"]["message"]
+            .to_string()
+            .contains("not a Kinesis event")
+    );
 }

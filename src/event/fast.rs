@@ -208,39 +208,36 @@ impl<'a> Scanner<'a> {
         depth: usize,
         mut field: impl FnMut(&mut Self, &'a str) -> Option<()>,
     ) -> Option<()> {
-        if depth > MAX_DEPTH {
-            return None;
-        }
-        self.eat(b'{')?;
-        if self.eat(b'}').is_some() {
-            return Some(());
-        }
-        loop {
-            let key = self.string()?;
-            self.eat(b':')?;
-            field(self, key)?;
-            if self.eat(b',').is_none() {
-                return self.eat(b'}');
-            }
-        }
+        self.sequence(depth, b'{', b'}', |scan| {
+            let key = scan.string()?;
+            scan.eat(b':')?;
+            field(scan, key)
+        })
     }
 
-    fn array(
+    fn array(&mut self, depth: usize, element: impl FnMut(&mut Self) -> Option<()>) -> Option<()> {
+        self.sequence(depth, b'[', b']', element)
+    }
+
+    /// `open`, items separated by commas, `close`.
+    fn sequence(
         &mut self,
         depth: usize,
-        mut element: impl FnMut(&mut Self) -> Option<()>,
+        open: u8,
+        close: u8,
+        mut item: impl FnMut(&mut Self) -> Option<()>,
     ) -> Option<()> {
         if depth > MAX_DEPTH {
             return None;
         }
-        self.eat(b'[')?;
-        if self.eat(b']').is_some() {
+        self.eat(open)?;
+        if self.eat(close).is_some() {
             return Some(());
         }
         loop {
-            element(self)?;
+            item(self)?;
             if self.eat(b',').is_none() {
-                return self.eat(b']');
+                return self.eat(close);
             }
         }
     }
