@@ -1,4 +1,8 @@
-//! The Lambda Kinesis event, read leniently, and per-record base64 decoding.
+//! The Lambda Kinesis event, read leniently, with each record's data base64-decoded.
+//!
+//! Two readers give the same records: serde (the `Deserialize` impl, which decides every
+//! case) and a fast path for the events Lambda sends (`fast.rs`), which `from_slice` and
+//! `from_owned` try first. Decoding is in `decode.rs`.
 //!
 //! `aws_lambda_events` deserializes the whole event at once, so one record with unpadded
 //! base64, an unknown `encryptionType` or a timestamp with many fractional digits fails the
@@ -45,7 +49,9 @@ pub struct EventRecord {
     /// The outer partition key (`"a"` for KPL aggregates); empty when absent.
     pub partition_key: Arc<str>,
     /// The `data` field, base64-decoded as the event is read (the text is never copied), or
-    /// why it is unusable. The records of an event share one buffer of decoded data.
+    /// why it is unusable. The records of an event share one buffer: the body itself
+    /// ([`KinesisEvent::from_owned`]) or one of decoded data; keeping any of it keeps that
+    /// buffer.
     pub data: Result<Bytes, BadData>,
     /// When Kinesis received the record.
     pub approximate_arrival: Option<SystemTime>,
