@@ -1,11 +1,12 @@
-//! Deaggregation of arbitrary bytes: never panics, and every aggregate it accepts is whole.
+//! Deaggregation of arbitrary bytes: never panics, every aggregate it accepts is whole, and
+//! the batch forms (`deaggregate_all`, `deaggregate_each`) give what `deaggregate` gives.
 //!
 //! Half the inputs get a correct magic and MD5 around them, so the fuzzer reaches the
 //! protobuf decoder instead of stopping at the checksum.
 #![no_main]
 
 use bytes::Bytes;
-use kinesis_deagg::kpl::{Deaggregated, MAGIC, deaggregate};
+use kinesis_deagg::kpl::{Deaggregated, MAGIC, deaggregate, deaggregate_all, deaggregate_each};
 use libfuzzer_sys::fuzz_target;
 use md5::{Digest, Md5};
 
@@ -18,7 +19,11 @@ fuzz_target!(|input: &[u8]| {
     } else {
         Bytes::copy_from_slice(body)
     };
-    match deaggregate(data.clone()) {
+    let one = deaggregate(data.clone());
+    let batch = [data.clone()];
+    assert_eq!(deaggregate_all(&batch, true), [one.clone()]);
+    assert_eq!(deaggregate_each(&batch, true).collect::<Vec<_>>(), [one.clone()]);
+    match one {
         Ok(Deaggregated::Plain(d)) | Ok(Deaggregated::ChecksumMismatch(d)) => assert_eq!(d, data),
         Ok(Deaggregated::Aggregated(users)) => {
             for (i, u) in users.iter().enumerate() {
