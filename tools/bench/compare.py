@@ -8,7 +8,9 @@ Workloads (generated deterministically into target/bench/):
   W3     3,166 plain ~1 KB records
   W5     88 x 50 KB aggregates (the KPL's default aggregate size)
 
-Every figure is the median of 5 interleaved rounds (each a median of 30 runs).
+Every time is the fastest of 5 interleaved rounds, each round the median of 30 runs (the VM
+has slow spells that last whole rounds; they only ever add time, and every contender, the
+bound included, gets the same rule). Peak RSS is the median (and highest) of the rounds.
 
 Table 1, one core: median ms per event for ours (in-process: KinesisEvent::from_slice +
 Processor::handle with the discard transform), the official Python and Node modules doing the
@@ -143,9 +145,13 @@ def monthly_cost(ms_per_event, user_records_per_event):
 ROUNDS = 5
 
 
-def median_of(results):
-    """Per workload, each numeric field's median over the rounds."""
-    return {name: {k: (statistics.median(r[name][k] for r in results) if isinstance(v, (int, float)) else v)
+def best_of(results):
+    """Per workload: the fastest round's median_ms (the VM's slow spells last whole rounds and
+    only ever add time; every contender gets the same rule), other numeric fields' medians."""
+    def pick(name, k):
+        values = [r[name][k] for r in results]
+        return min(values) if k == "median_ms" else statistics.median(values)
+    return {name: {k: (pick(name, k) if isinstance(v, (int, float)) else v)
                    for k, v in results[0][name].items()}
             for name in results[0]}
 
@@ -171,11 +177,13 @@ def main():
     # Shared machines slow down for seconds at a time: every measurement is taken ROUNDS times,
     # the rounds interleaved, and each figure is the median of its rounds.
     rounds = [{who: measure() for who, measure in measurements.items()} for _ in range(ROUNDS)]
-    ours, ours2, api, api2, python, node = (median_of([r[who] for r in rounds]) for who in measurements)
-    md5 = statistics.median(md5_rate() for _ in range(ROUNDS))
+    ours, ours2, api, api2, python, node = (best_of([r[who] for r in rounds]) for who in measurements)
+    # The bound gets the same rule: its fastest round (which makes it only harder to approach).
+    md5 = max(md5_rate() for _ in range(ROUNDS))
     data = json.load(open(paths["W1"]))["Records"][0]["kinesis"]["data"]
-    b64 = statistics.median(base64_rate(data) for _ in range(ROUNDS))
-    print(f"medians of {ROUNDS} interleaved rounds")
+    b64 = max(base64_rate(data) for _ in range(ROUNDS))
+    print(f"ms per event: the fastest of {ROUNDS} interleaved rounds, each the median of 30 runs; "
+          f"peak RSS: median (highest) of the rounds")
     print(f"one core ({' '.join(ONE_CORE) or 'no taskset'}); MD5 {md5 / 1e6:.0f} MB/s (openssl), base64 {b64 / 1e6:.0f} MB/s")
     print(f"{'workload':8} {'user recs':>9} {'MB':>5} | {'ours':>7} {'python':>7} {'node':>7} {'bound':>6} ms | "
           f"{'recs/s':>9} {'MB/s':>6} | {'py/ours':>7} {'node/ours':>9} {'ours/bound':>10}")
