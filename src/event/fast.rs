@@ -23,7 +23,7 @@ use super::{EventRecord, FromJsonStr, Lenient, Loose, RawKinesis, RawRecord, Rep
 pub(super) type Texts = Vec<(usize, Range<usize>)>;
 
 /// True unless a text the base64 decoder refused is not even a JSON string (a control
-/// character in it): the fast path never checked that, serde must decide.
+/// character or invalid UTF-8 in it): the fast path never checked that, serde must decide.
 pub(super) fn refused_texts_are_json(records: &[EventRecord]) -> bool {
     records
         .iter()
