@@ -130,9 +130,7 @@ impl<T: Transform> Processor<T> {
         }
         outcome
     }
-}
 
-impl<T: Transform> Processor<T> {
     /// Handles one invocation body as Lambda sends it: reads the event (its data decoded in
     /// the body, see [`KinesisEvent::from_owned`]), processes it and gives the response. What
     /// [`run`](crate::run) calls.
