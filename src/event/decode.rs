@@ -2,6 +2,7 @@
 //! buffer that the records share. Either way one allocation per event at most, never one per
 //! record.
 
+use std::mem::MaybeUninit;
 use std::ops::Range;
 
 use base64::Engine;
@@ -10,34 +11,83 @@ use bytes::Bytes;
 
 use super::{BadData, EventRecord};
 
-/// Whether the fast decoder accepts `text`: a text it refuses is left for
-/// [`into_one_buffer`], which explains it.
-pub(super) fn accepts(text: &[u8]) -> bool {
-    simd_engine(text.len()).check(text).is_ok()
-}
+/// Base64 characters decoded at a time, through a buffer on the stack (a multiple of 4).
+const CHUNK: usize = 4096;
 
-/// Decodes each text (all [`accepts`]ed) where it stands: its bytes then start where its text
-/// started.
+/// Decodes `json[at]` where it stands (its bytes then start where its text started), or, when
+/// the fast decoder refuses it, leaves it as it was and says `None`: a refused text must stay
+/// whole, to be explained or passed through, and for serde to read.
+///
+/// Why chunks: each is decoded into a buffer on the stack, which checks it, and only then
+/// copied back over its own text, so no separate pass has to check every text before any is
+/// overwritten. The chunks before a refused one are put back by encoding them again, which
+/// gives the very same text: whole groups of 4 characters, no padding, and the decoder
+/// accepts no other spelling of their bytes.
 ///
 /// (Decoding the second half of the texts on another core was measured: no faster on the
 /// two vCPUs of the bench machine, W1 and W5 in-process.)
-pub(super) fn in_place(
-    json: &mut [u8],
-    texts: &[(usize, Range<usize>)],
-) -> Vec<Result<Range<usize>, BadData>> {
-    texts
-        .iter()
-        .map(
-            |(_, at)| match simd_engine(at.len()).decode_inplace(&mut json[at.clone()]) {
-                Ok(decoded) => Ok(at.start..at.start + decoded.len()),
-                // Checked, so never; but not silently empty if it were.
-                Err(e) => Err(BadData {
-                    message: format!("`data` is not valid base64: {e}"),
-                    raw: Bytes::new(),
-                }),
-            },
-        )
-        .collect()
+pub(super) fn in_place(json: &mut [u8], at: Range<usize>) -> Option<Range<usize>> {
+    in_place_by(json, at, CHUNK)
+}
+
+fn in_place_by(json: &mut [u8], at: Range<usize>, chunk: usize) -> Option<Range<usize>> {
+    // Not zeroed: that would cost more than the decoding on short texts.
+    let mut buffer = [const { MaybeUninit::uninit() }; CHUNK / 4 * 3];
+    let mut end = at.start;
+    for (i, text) in chunks(at.clone(), chunk).enumerate() {
+        let engine = engine_of(&at, &text);
+        let out = base64_simd::Out::from_uninit_slice(&mut buffer[..chunk / 4 * 3]);
+        let Ok(bytes) = engine.decode(&json[text], out) else {
+            put_back_by(json, at, i, end, chunk);
+            return None;
+        };
+        json[end..end + bytes.len()].copy_from_slice(bytes);
+        end += bytes.len();
+    }
+    Some(at.start..end)
+}
+
+/// Puts back the text `json[at]` that [`in_place`] decoded into `json[at.start..end]`.
+pub(super) fn put_back(json: &mut [u8], at: Range<usize>, end: usize) {
+    put_back_by(json, at, usize::MAX, end, CHUNK);
+}
+
+/// Puts back the first `decoded` chunks of the text `json[at]`, decoded into
+/// `json[at.start..end]`; the rest of the text is still there.
+fn put_back_by(json: &mut [u8], at: Range<usize>, decoded: usize, end: usize, chunk: usize) {
+    let mut buffer = [const { MaybeUninit::uninit() }; CHUNK];
+    let bytes = chunk / 4 * 3;
+    // Back to front: chunk i's text reaches no further back than its bytes, so each chunk
+    // overwrites only bytes already encoded again.
+    for (i, text) in chunks(at.clone(), chunk).enumerate().take(decoded).rev() {
+        let from = at.start + i * bytes;
+        let to = (from + bytes).min(end);
+        let out = base64_simd::Out::from_uninit_slice(&mut buffer[..text.len()]);
+        let encoded = engine_of(&at, &text).encode(&json[from..to], out);
+        json[text].copy_from_slice(encoded);
+    }
+}
+
+/// `at` cut into chunks of `chunk` characters; the last one (never empty unless `at` is) holds
+/// what is left.
+fn chunks(
+    at: Range<usize>,
+    chunk: usize,
+) -> impl DoubleEndedIterator<Item = Range<usize>> + ExactSizeIterator {
+    let full = at.len().saturating_sub(1) / chunk;
+    (0..full + 1).map(move |i| {
+        let from = at.start + i * chunk;
+        from..if i == full { at.end } else { from + chunk }
+    })
+}
+
+/// The engine for a chunk of the text at `at`: only the last may hold padding.
+fn engine_of(at: &Range<usize>, chunk: &Range<usize>) -> &'static base64_simd::Base64 {
+    if chunk.end == at.end {
+        simd_engine(at.len())
+    } else {
+        &base64_simd::STANDARD_NO_PAD
+    }
 }
 
 /// Standard alphabet; padding optional, since a producer's unpadded base64 is still
@@ -114,6 +164,42 @@ mod tests {
             let fast = decode_append(s.as_bytes(), &mut fast).map(|()| fast).map_err(|e| e.message);
             let slow = BASE64.decode(&s).map(|d| [&b"kept"[..], &d].concat()).map_err(|e| format!("`data` is not valid base64: {e}"));
             prop_assert_eq!(fast, slow);
+        }
+
+        /// Decoding in place, chunk by chunk, gives what decoding the whole text gives, and
+        /// leaves a refused text (and everything around any text) as it was; a decoded text
+        /// is put back exactly.
+        #[test]
+        fn chunked_in_place_decoding_equals_whole_decoding(
+            bytes in prop::collection::vec(any::<u8>(), 0..40),
+            padded in any::<bool>(),
+            damage in prop::option::of((any::<prop::sample::Index>(), prop::sample::select(&b"=!A/\"\n"[..]))),
+            cut in 0usize..3,
+            chunk in prop::sample::select(&[4usize, 8, 12, CHUNK][..]),
+        ) {
+            let engine = if padded { &base64_simd::STANDARD } else { &base64_simd::STANDARD_NO_PAD };
+            let mut text = engine.encode_to_string(&bytes).into_bytes();
+            if let Some((at, byte)) = damage.filter(|_| !text.is_empty()) {
+                let at = at.index(text.len());
+                text[at] = byte;
+            }
+            text.truncate(text.len().saturating_sub(cut));
+            let json = [&b"{\"data\": \""[..], &text, b"\"}"].concat();
+            let at = 10..10 + text.len();
+            let whole = simd_engine(text.len()).decode_to_vec(&text).ok();
+
+            let mut decoded = json.clone();
+            let span = in_place_by(&mut decoded, at.clone(), chunk);
+            prop_assert_eq!(span.clone().map(|s| decoded[s].to_vec()), whole);
+            prop_assert_eq!(&decoded[at.end..], &json[at.end..]);
+            match span {
+                None => prop_assert_eq!(&decoded, &json),
+                Some(span) => {
+                    prop_assert_eq!(span.start, at.start);
+                    put_back_by(&mut decoded, at, usize::MAX, span.end, chunk);
+                    prop_assert_eq!(&decoded, &json);
+                }
+            }
         }
     }
 }

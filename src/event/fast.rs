@@ -641,11 +641,28 @@ mod tests {
         );
         records.push(r#"{"kinesis":{"sequenceNumber":"8","data":"aGk"}}"#.into());
         records.push(r#"{"kinesis":{"sequenceNumber":"9","data":"%%"}}"#.into());
+        // Refused far into a long text: many chunks were decoded before it, then put back.
+        let long = lambda_record(10, 99_999).replacen("eHh4\",", "eHh!\",", 1);
+        records.push(long);
+        // Data that decodes to a control character and to quotes.
+        records.push(r#"{"kinesis":{"sequenceNumber":"11","data":"AAAA"}}"#.into());
+        records.push(r#"{"kinesis":{"sequenceNumber":"12","data":"IiIi"}}"#.into());
+        records.push(r#"{"kinesis":{"sequenceNumber":"13","data":"ok"}}"#.into());
         let json = format!(r#"{{"Records":[{}]}}"#, records.join(","));
         agrees(json.as_bytes()).unwrap();
-        let event = KinesisEvent::from_owned(json.into_bytes()).unwrap();
+        let event = KinesisEvent::from_owned(json.clone().into_bytes()).unwrap();
         assert_eq!(event.records[3].data.as_ref().unwrap().len(), 200_000);
         assert_eq!(&event.records[7].data.as_ref().unwrap()[..], b"hi");
+        let refused = event.records[9].data.as_ref().err().map(|e| &e.raw[..]);
+        assert_eq!(refused.map(<[u8]>::len), Some(133_332));
+        assert!(refused.is_some_and(|raw| raw.starts_with(b"eHh4") && raw.ends_with(b"eHh!")));
+
+        // A text that is not even a JSON string, after the big ones: serde reads the body as
+        // it came, all decoded texts put back, and says what it says of that body.
+        let bad = json.replacen(r#""data":"ok""#, "\"data\":\"o\u{1}k\"", 1);
+        let serde = serde_json::from_str::<KinesisEvent>(&bad).unwrap_err();
+        let ours = KinesisEvent::from_owned(bad.into_bytes()).unwrap_err();
+        assert_eq!(ours.to_string(), format!("not a Kinesis event: {serde}"));
     }
 
     #[test]

@@ -126,22 +126,30 @@ impl KinesisEvent {
         B: AsRef<[u8]> + AsMut<[u8]> + Into<Bytes>,
     {
         if let Some((mut records, texts)) = fast::read(body.as_ref()) {
-            // A text the fast decoder refuses must still be whole to be explained (or, when it
-            // is not even a JSON string, for serde to read), and decoding in place overwrites:
-            // sort them all out before decoding any.
-            let json = body.as_ref();
-            let (valid, refused): (Vec<_>, Vec<_>) = texts
-                .into_iter()
-                .partition(|(_, at)| decode::accepts(&json[at.clone()]));
-            let refused = refused.iter().map(|(i, at)| (*i, &json[at.clone()]));
+            let json = body.as_mut();
+            let spans: Vec<_> = texts
+                .iter()
+                .map(|(_, at)| decode::in_place(json, at.clone()))
+                .collect();
+            // Refused texts are still whole, to be explained.
+            let refused = texts.iter().zip(&spans).filter(|(_, span)| span.is_none());
+            let refused = refused.map(|((i, at), _)| (*i, &json[at.clone()]));
             decode::into_one_buffer(&mut records, refused);
             if fast::refused_texts_are_json(&records) {
-                let spans = decode::in_place(body.as_mut(), &valid);
                 let body: Bytes = body.into();
-                for ((i, _), span) in valid.into_iter().zip(spans) {
-                    records[i].data = span.map(|span| body.slice(span));
+                for ((i, _), span) in texts.into_iter().zip(spans) {
+                    if let Some(span) = span {
+                        records[i].data = Ok(body.slice(span));
+                    }
                 }
                 return Ok(KinesisEvent { records });
+            }
+            // Serde reads the body as it came (rare: a refused text that is not even a JSON
+            // string).
+            for ((_, at), span) in texts.into_iter().zip(spans) {
+                if let Some(span) = span {
+                    decode::put_back(json, at, span.end);
+                }
             }
         }
         Ok(serde_json::from_slice(body.as_ref())?)
