@@ -18,10 +18,7 @@ use aws_lambda_events::event::streams::KinesisEventResponse;
 use futures::{FutureExt, StreamExt};
 
 use crate::event::EventRecord;
-use crate::kpl::{
-    DeaggError, Deaggregated, UserRecord, deaggregate_all, deaggregate_each, deaggregate_with,
-    deaggregation_overlaps,
-};
+use crate::kpl::{DeaggError, Deaggregated, UserRecord, deaggregate_each, deaggregate_with};
 use crate::metrics::Metrics;
 use crate::settings::Settings;
 use crate::transform::{KinesisRecordInfo, RecordContext, Transform};
@@ -354,16 +351,9 @@ pub async fn process<T: Transform>(
         .iter()
         .map(|r| r.data.clone().unwrap_or_default())
         .collect();
-    // In order on one core, each aggregate is split when its turn comes: only its user
-    // records are in memory, not the batch's. Split all at once, the work overlaps the MD5s
-    // on a second core, and the concurrent mode needs every record up front for its lanes.
-    let eager = settings.mode == Mode::Concurrent
-        || deaggregation_overlaps(&data, settings.verify_checksum);
-    let deaggregated: Box<dyn Iterator<Item = _>> = if eager {
-        Box::new(deaggregate_all(&data, settings.verify_checksum).into_iter())
-    } else {
-        Box::new(deaggregate_each(&data, settings.verify_checksum))
-    };
+    // Each aggregate is split when its turn comes, or ahead of it while a second core computes
+    // its MD5 (the concurrent mode then gathers all user records into its lanes).
+    let deaggregated = deaggregate_each(&data, settings.verify_checksum);
     let mut unpacked =
         records
             .iter()

@@ -29,17 +29,44 @@ use md5::{Digest, Md5};
 /// assert_eq!(digests.len(), 2);
 /// ```
 pub fn md5_many(messages: &[&[u8]]) -> Vec<[u8; 16]> {
-    #[cfg(target_arch = "x86_64")]
-    if messages.len() > 1
-        && let Some(digests) = x86::md5_many(messages)
-    {
-        return digests;
-    }
-    scalar(messages)
+    let mut digests = vec![[0u8; 16]; messages.len()];
+    md5_each(messages, Order::LongestFirst, &mut |i, digest| {
+        digests[i] = digest;
+        true
+    });
+    digests
 }
 
-fn scalar(messages: &[&[u8]]) -> Vec<[u8; 16]> {
-    messages.iter().map(|m| Md5::digest(m).into()).collect()
+/// In which order [`md5_each`] starts the messages.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Order {
+    /// Longest first, so that the lanes drain together: the soonest end for all of them.
+    LongestFirst,
+    /// As given, so that the digests come out roughly in order: for a caller that uses each
+    /// one as soon as it comes.
+    AsGiven,
+}
+
+/// The MD5 of each message, handed to `done(index, digest)` as soon as it is known, until
+/// `done` says `false`.
+pub(crate) fn md5_each(
+    messages: &[&[u8]],
+    order: Order,
+    done: &mut dyn FnMut(usize, [u8; 16]) -> bool,
+) {
+    let mut sequence: Vec<usize> = (0..messages.len()).collect();
+    if order == Order::LongestFirst {
+        sequence.sort_by_key(|&i| std::cmp::Reverse(messages[i].len()));
+    }
+    #[cfg(target_arch = "x86_64")]
+    if messages.len() > 1 && x86::md5_each(messages, &sequence, done) {
+        return;
+    }
+    for i in sequence {
+        if !done(i, Md5::digest(messages[i]).into()) {
+            return;
+        }
+    }
 }
 
 /// The initial MD5 state (RFC 1321, 3.3).
@@ -92,14 +119,17 @@ impl<'a> Cursor<'a> {
 }
 
 /// Runs `messages` through 8 lanes of `kernel`, which compresses one block per lane into a
-/// transposed state (`state[word][lane]`).
-fn lanes(messages: &[&[u8]], kernel: impl Fn(&mut [[u32; 8]; 4], [&[u8]; 8])) -> Vec<[u8; 16]> {
+/// transposed state (`state[word][lane]`), starting them in `sequence` and handing each
+/// digest to `done` when its message is through (see [`md5_each`]).
+fn lanes(
+    messages: &[&[u8]],
+    sequence: &[usize],
+    done: &mut dyn FnMut(usize, [u8; 16]) -> bool,
+    kernel: impl Fn(&mut [[u32; 8]; 4], [&[u8]; 8]),
+) {
     const IDLE: [u8; 64] = [0; 64];
     let tails: Vec<([u8; 128], usize)> = messages.iter().map(|m| padding(m)).collect();
-    let mut order: Vec<usize> = (0..messages.len()).collect();
-    order.sort_by_key(|&i| std::cmp::Reverse(messages[i].len()));
-    let mut waiting = order.into_iter();
-    let mut digests = vec![[0u8; 16]; messages.len()];
+    let mut waiting = sequence.iter().copied();
     let mut state = [[0u32; 8]; 4];
     let mut lanes: [Option<Cursor>; 8] = Default::default();
     loop {
@@ -115,7 +145,7 @@ fn lanes(messages: &[&[u8]], kernel: impl Fn(&mut [[u32; 8]; 4], [&[u8]; 8])) ->
             }
         }
         if lanes.iter().all(Option::is_none) {
-            return digests;
+            return;
         }
         let blocks = std::array::from_fn(|lane| match &mut lanes[lane] {
             Some(cursor) => cursor.next_block(),
@@ -124,8 +154,12 @@ fn lanes(messages: &[&[u8]], kernel: impl Fn(&mut [[u32; 8]; 4], [&[u8]; 8])) ->
         kernel(&mut state, blocks);
         for (lane, slot) in lanes.iter_mut().enumerate() {
             if let Some(cursor) = slot.take_if(|c| c.done()) {
-                for (word, out) in digests[cursor.message].chunks_exact_mut(4).enumerate() {
+                let mut digest = [0u8; 16];
+                for (word, out) in digest.chunks_exact_mut(4).enumerate() {
                     out.copy_from_slice(&state[word][lane].to_le_bytes());
+                }
+                if !done(cursor.message, digest) {
+                    return;
                 }
             }
         }
@@ -151,31 +185,45 @@ mod x86 {
 
     use super::{K, lanes};
 
-    /// The fastest SIMD kernel this CPU has, or `None` for the scalar path.
-    pub(super) fn md5_many(messages: &[&[u8]]) -> Option<Vec<[u8; 16]>> {
+    /// [`super::md5_each`] with the fastest SIMD kernel this CPU has; `false` when it has none
+    /// (then nothing was done).
+    pub(super) fn md5_each(
+        messages: &[&[u8]],
+        sequence: &[usize],
+        done: &mut dyn FnMut(usize, [u8; 16]) -> bool,
+    ) -> bool {
         if is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512vl") {
-            Some(with_avx512(messages))
+            with_avx512(messages, sequence, done);
         } else if is_x86_feature_detected!("avx2") {
-            Some(with_avx2(messages))
+            with_avx2(messages, sequence, done);
         } else {
-            None
+            return false;
         }
+        true
     }
 
     /// Panics unless the CPU has AVX-512F and AVX-512VL (callers check).
-    pub(super) fn with_avx512(messages: &[&[u8]]) -> Vec<[u8; 16]> {
+    pub(super) fn with_avx512(
+        messages: &[&[u8]],
+        sequence: &[usize],
+        done: &mut dyn FnMut(usize, [u8; 16]) -> bool,
+    ) {
         assert!(is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512vl"));
         // SAFETY: the features the kernel is compiled for are present (asserted above).
-        lanes(messages, |state, blocks| unsafe {
+        lanes(messages, sequence, done, |state, blocks| unsafe {
             avx512::compress(state, blocks)
         })
     }
 
     /// Panics unless the CPU has AVX2 (callers check).
-    pub(super) fn with_avx2(messages: &[&[u8]]) -> Vec<[u8; 16]> {
+    pub(super) fn with_avx2(
+        messages: &[&[u8]],
+        sequence: &[usize],
+        done: &mut dyn FnMut(usize, [u8; 16]) -> bool,
+    ) {
         assert!(is_x86_feature_detected!("avx2"));
         // SAFETY: the features the kernel is compiled for are present (asserted above).
-        lanes(messages, |state, blocks| unsafe {
+        lanes(messages, sequence, done, |state, blocks| unsafe {
             avx2::compress(state, blocks)
         })
     }
@@ -365,19 +413,54 @@ mod tests {
         prop::collection::vec(prop::collection::vec(any::<u8>(), 0..300), 0..20)
     }
 
-    /// `md5_many` and every SIMD kernel this CPU has give what `md-5` gives.
+    /// What `run` hands to its `done`, by message: each digest exactly once.
+    fn collect(
+        len: usize,
+        run: impl FnOnce(&mut dyn FnMut(usize, [u8; 16]) -> bool),
+    ) -> Vec<[u8; 16]> {
+        let mut got = vec![None; len];
+        run(&mut |i, digest| {
+            assert!(got[i].replace(digest).is_none(), "message {i} twice");
+            true
+        });
+        got.into_iter().map(Option::unwrap).collect()
+    }
+
+    /// `md5_many`, `md5_each` in both orders and every SIMD kernel this CPU has (in yet
+    /// another order) give what `md-5` gives.
     fn check(messages: &[Vec<u8>]) {
         let refs: Vec<&[u8]> = messages.iter().map(Vec::as_slice).collect();
-        let expected = scalar(&refs);
+        let expected: Vec<[u8; 16]> = refs.iter().map(|m| Md5::digest(m).into()).collect();
         assert_eq!(md5_many(&refs), expected);
+        for order in [Order::LongestFirst, Order::AsGiven] {
+            let each = collect(refs.len(), |done| md5_each(&refs, order, done));
+            assert_eq!(each, expected);
+        }
         #[cfg(target_arch = "x86_64")]
         {
+            let backwards: Vec<usize> = (0..refs.len()).rev().collect();
             if is_x86_feature_detected!("avx2") {
-                assert_eq!(x86::with_avx2(&refs), expected);
+                let each = collect(refs.len(), |done| x86::with_avx2(&refs, &backwards, done));
+                assert_eq!(each, expected);
             }
             if is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512vl") {
-                assert_eq!(x86::with_avx512(&refs), expected);
+                let each = collect(refs.len(), |done| x86::with_avx512(&refs, &backwards, done));
+                assert_eq!(each, expected);
             }
+        }
+    }
+
+    /// `done` saying `false` stops the work: nothing more is handed over.
+    #[test]
+    fn done_stops_it() {
+        let messages: Vec<&[u8]> = vec![b"abc"; 20];
+        for order in [Order::LongestFirst, Order::AsGiven] {
+            let mut calls = 0;
+            md5_each(&messages, order, &mut |_, _| {
+                calls += 1;
+                calls < 3
+            });
+            assert_eq!(calls, 3);
         }
     }
 

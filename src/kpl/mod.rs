@@ -14,8 +14,10 @@ mod aggregate;
 #[allow(unsafe_code)]
 mod md5_many;
 mod messages;
+mod verdicts;
 mod wire;
 
+use std::collections::VecDeque;
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -23,6 +25,7 @@ use md5::{Digest, Md5};
 
 pub use aggregate::{AggregateError, AggregatedRecord, Aggregator};
 pub use md5_many::md5_many;
+use verdicts::Verdicts;
 
 /// The four bytes that start every KPL aggregated record.
 pub const MAGIC: [u8; 4] = [0xF3, 0x89, 0x9A, 0xC2];
@@ -284,13 +287,8 @@ pub fn deaggregate_with(data: Bytes, verify_checksum: bool) -> Result<Deaggregat
     finish(data, checksum_matches.flatten())
 }
 
-/// [`deaggregate_with`] on every record of a batch, with the same results, faster:
-///
-/// - the MD5s of all aggregates are computed side by side ([`md5_many`]), since one MD5 stream
-///   cannot use more than a fraction of a core;
-/// - with a second core available (`std::thread::available_parallelism`) and at least 64 KiB of
-///   aggregates, the MD5s run on a scoped thread while this one decodes the protobuf. A record
-///   whose checksum then turns out wrong gets `ChecksumMismatch`, whatever its decoding gave.
+/// [`deaggregate_with`] on every record of a batch, with the same results, all at once: what
+/// [`deaggregate_each`] gives, collected.
 ///
 /// # Examples
 ///
@@ -307,44 +305,21 @@ pub fn deaggregate_all(
     records: &[Bytes],
     verify_checksum: bool,
 ) -> Vec<Result<Deaggregated, DeaggError>> {
-    let decode = || -> Vec<Result<Deaggregated, DeaggError>> {
-        records
-            .iter()
-            .map(|data| finish(data.clone(), None))
-            .collect()
-    };
-    let (mut results, verdicts) = if !verify_checksum {
-        (decode(), vec![])
-    } else if deaggregation_overlaps(records, verify_checksum) {
-        std::thread::scope(|s| {
-            // A thread that cannot be made (a process limit) only costs the parallelism.
-            match std::thread::Builder::new().spawn_scoped(s, || verdicts(records)) {
-                Ok(verifying) => {
-                    let decoded = decode();
-                    let verdicts = verifying.join();
-                    (
-                        decoded,
-                        verdicts.unwrap_or_else(|p| std::panic::resume_unwind(p)),
-                    )
-                }
-                Err(_) => (decode(), verdicts(records)),
-            }
-        })
-    } else {
-        let verdicts = verdicts(records);
-        (decode(), verdicts)
-    };
-    for (i, verdict) in verdicts.into_iter().enumerate() {
-        if verdict == Some(false) {
-            results[i] = Ok(Deaggregated::ChecksumMismatch(records[i].clone()));
-        }
-    }
-    results
+    deaggregate_each(records, verify_checksum).collect()
 }
 
-/// [`deaggregate_all`], each record split only when the iterator reaches it, so that a caller
-/// consuming them in order holds one aggregate's user records at a time rather than the
-/// batch's. The MD5s are still computed side by side first, on this thread.
+/// [`deaggregate_with`] on every record of a batch, in order, with the same results, faster:
+///
+/// - the MD5s of all aggregates are computed side by side ([`md5_many`]), since one MD5 stream
+///   cannot use more than a fraction of a core;
+/// - with a second core available (`std::thread::available_parallelism`) and at least 64 KiB
+///   of aggregates, the MD5s run on a thread, in batch order, and each verdict is used as
+///   soon as it comes: the caller reads the first aggregates' user records while the later
+///   MD5s are computed, and aggregates are split ahead only while a verdict is awaited. A
+///   record whose checksum turns out wrong gets `ChecksumMismatch`, whatever its split gave;
+/// - otherwise the MD5s are computed first, on this thread, and each aggregate is split only
+///   when the iterator reaches it, so that a caller consuming them in order holds one
+///   aggregate's user records at a time rather than the batch's.
 ///
 /// # Examples
 ///
@@ -362,44 +337,58 @@ pub fn deaggregate_each(
     records: &[Bytes],
     verify_checksum: bool,
 ) -> impl Iterator<Item = Result<Deaggregated, DeaggError>> + '_ {
-    let verdicts = if verify_checksum {
-        verdicts(records)
-    } else {
-        vec![None; records.len()]
-    };
-    records
-        .iter()
-        .zip(verdicts)
-        .map(|(data, verdict)| finish(data.clone(), verdict))
-}
-
-/// Whether [`deaggregate_all`] computes the MD5s on a second thread while this one decodes:
-/// only with a second core (`std::thread::available_parallelism`) and at least 64 KiB of
-/// aggregates to verify, below which a thread costs more than it saves.
-pub fn deaggregation_overlaps(records: &[Bytes], verify_checksum: bool) -> bool {
+    /// Below this, a thread costs more than it saves.
     const PARALLEL_MIN_BYTES: usize = 64 * 1024;
     let aggregate_bytes = || -> usize {
         let parts = records.iter().filter_map(|data| checksum_parts(data));
         parts.map(|(body, _)| body.len()).sum()
     };
-    verify_checksum && spare_core() && aggregate_bytes() >= PARALLEL_MIN_BYTES
+    let verdicts = if !verify_checksum {
+        Verdicts::unchecked(records)
+    } else if spare_core() && aggregate_bytes() >= PARALLEL_MIN_BYTES {
+        Verdicts::on_a_thread(records)
+    } else {
+        Verdicts::now(records)
+    };
+    Deaggregating {
+        records,
+        verdicts,
+        next: 0,
+        ahead: VecDeque::new(),
+    }
 }
 
-/// For each record: whether its MD5 trailer matches (`Some`), or `None` when it is not shaped
-/// like an aggregate. The MD5s are computed side by side ([`md5_many`]).
-fn verdicts(records: &[Bytes]) -> Vec<Option<bool>> {
-    let parts: Vec<Option<(&[u8], &[u8])>> =
-        records.iter().map(|data| checksum_parts(data)).collect();
-    let bodies: Vec<&[u8]> = parts.iter().flatten().map(|&(body, _)| body).collect();
-    let mut digests = md5_many(&bodies).into_iter();
-    parts
-        .iter()
-        .map(|part| {
-            let (_, expected) = (*part)?;
-            // One digest per body; were one missing, a mismatch is the safe verdict.
-            Some(digests.next().is_some_and(|digest| digest[..] == *expected))
+/// The iterator of [`deaggregate_each`].
+struct Deaggregating<'a> {
+    records: &'a [Bytes],
+    verdicts: Verdicts,
+    /// The next record to give.
+    next: usize,
+    /// Records from `next` on, already split while a verdict was awaited.
+    ahead: VecDeque<Result<Deaggregated, DeaggError>>,
+}
+
+impl Iterator for Deaggregating<'_> {
+    type Item = Result<Deaggregated, DeaggError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        let i = self.next;
+        let data = self.records.get(i)?.clone();
+        self.next += 1;
+        let verdict = loop {
+            if let Some(verdict) = self.verdicts.get(i) {
+                break verdict;
+            }
+            match self.records.get(i + self.ahead.len()) {
+                Some(later) => self.ahead.push_back(finish(later.clone(), None)),
+                None => break self.verdicts.wait(i),
+            }
+        };
+        Some(match (verdict, self.ahead.pop_front()) {
+            (Some(true) | None, Some(split)) => split,
+            (verdict, _) => finish(data, verdict),
         })
-        .collect()
+    }
 }
 
 /// True when this process may run on more than one core (cached: the answer does not change

@@ -498,6 +498,17 @@ mod deaggregate_all_matches_one_by_one {
             Ok(Deaggregated::ChecksumMismatch(_))
         ));
     }
+
+    /// Stopping before the end stops the second thread too: nothing keeps the batch's buffers
+    /// (the runtime reuses the body's memory for the next event).
+    #[test]
+    fn a_batch_left_early_lets_go_of_its_buffers() {
+        let records: Vec<Bytes> = (0..12).map(|i| aggregate_of(200, 200, i)).collect();
+        let mut each = deaggregate_each(&records, true);
+        assert!(matches!(each.next(), Some(Ok(Deaggregated::Aggregated(_)))));
+        drop(each);
+        assert!(records.iter().all(Bytes::is_unique));
+    }
 }
 
 #[test]
