@@ -10,22 +10,21 @@
 //! with the messages of `src/kpl/messages.proto`.
 
 mod aggregate;
+mod each;
 // Allowed `unsafe` (with `memory.rs`'s one `mallopt` call): SIMD intrinsics, see its docs.
 #[allow(unsafe_code)]
 mod md5_many;
 mod messages;
-mod verdicts;
 mod wire;
 
-use std::collections::VecDeque;
 use std::sync::Arc;
 
 use bytes::Bytes;
 use md5::{Digest, Md5};
 
 pub use aggregate::{AggregateError, AggregatedRecord, Aggregator};
+use each::Deaggregating;
 pub use md5_many::md5_many;
-use verdicts::Verdicts;
 
 /// The four bytes that start every KPL aggregated record.
 pub const MAGIC: [u8; 4] = [0xF3, 0x89, 0x9A, 0xC2];
@@ -313,13 +312,15 @@ pub fn deaggregate_all(
 /// - the MD5s of all aggregates are computed side by side ([`md5_many`]), since one MD5 stream
 ///   cannot use more than a fraction of a core;
 /// - with a second core available (`std::thread::available_parallelism`) and at least 64 KiB
-///   of aggregates, the MD5s run on a thread, in batch order, and each verdict is used as
-///   soon as it comes: the caller reads the first aggregates' user records while the later
-///   MD5s are computed, and aggregates are split ahead only while a verdict is awaited. A
-///   record whose checksum turns out wrong gets `ChecksumMismatch`, whatever its split gave;
+///   of aggregates, a helper thread computes the MD5s, in batch order, and each verdict is used
+///   as soon as it comes; the helper then splits aggregates from the end of the batch while
+///   this thread splits from the front. A record whose checksum turns out wrong gets
+///   `ChecksumMismatch`, whatever its split gave;
 /// - otherwise the MD5s are computed first, on this thread, and each aggregate is split only
 ///   when the iterator reaches it, so that a caller consuming them in order holds one
 ///   aggregate's user records at a time rather than the batch's.
+///
+/// Dropping the iterator early stops the helper and waits for it.
 ///
 /// # Examples
 ///
@@ -343,51 +344,10 @@ pub fn deaggregate_each(
         let parts = records.iter().filter_map(|data| checksum_parts(data));
         parts.map(|(body, _)| body.len()).sum()
     };
-    let verdicts = if !verify_checksum {
-        Verdicts::unchecked(records)
-    } else if spare_core() && aggregate_bytes() >= PARALLEL_MIN_BYTES {
-        Verdicts::on_a_thread(records)
+    if verify_checksum && spare_core() && aggregate_bytes() >= PARALLEL_MIN_BYTES {
+        Deaggregating::with_helper(records)
     } else {
-        Verdicts::now(records)
-    };
-    Deaggregating {
-        records,
-        verdicts,
-        next: 0,
-        ahead: VecDeque::new(),
-    }
-}
-
-/// The iterator of [`deaggregate_each`].
-struct Deaggregating<'a> {
-    records: &'a [Bytes],
-    verdicts: Verdicts,
-    /// The next record to give.
-    next: usize,
-    /// Records from `next` on, already split while a verdict was awaited.
-    ahead: VecDeque<Result<Deaggregated, DeaggError>>,
-}
-
-impl Iterator for Deaggregating<'_> {
-    type Item = Result<Deaggregated, DeaggError>;
-
-    fn next(&mut self) -> Option<Self::Item> {
-        let i = self.next;
-        let data = self.records.get(i)?.clone();
-        self.next += 1;
-        let verdict = loop {
-            if let Some(verdict) = self.verdicts.get(i) {
-                break verdict;
-            }
-            match self.records.get(i + self.ahead.len()) {
-                Some(later) => self.ahead.push_back(finish(later.clone(), None)),
-                None => break self.verdicts.wait(i),
-            }
-        };
-        Some(match (verdict, self.ahead.pop_front()) {
-            (Some(true) | None, Some(split)) => split,
-            (verdict, _) => finish(data, verdict),
-        })
+        Deaggregating::alone(records, verify_checksum)
     }
 }
 

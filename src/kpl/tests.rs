@@ -474,6 +474,11 @@ mod deaggregate_all_matches_one_by_one {
             assert_eq!(deaggregate_all(records, verify), one_by_one);
             let each: Vec<_> = deaggregate_each(records, verify).collect();
             assert_eq!(each, one_by_one);
+            if verify {
+                // Whatever the batch's size and the machine's cores, the helper thread's way.
+                let shared: Vec<_> = each::Deaggregating::with_helper(records).collect();
+                assert_eq!(shared, one_by_one);
+            }
         }
     }
 
@@ -482,6 +487,18 @@ mod deaggregate_all_matches_one_by_one {
         fn on_mixed_batches(kinds in prop::collection::vec((any::<u8>(), 0usize..20, any::<u8>()), 0..12)) {
             let records: Vec<Bytes> = kinds.iter().map(|&(k, n, s)| record(k, n, s)).collect();
             check(&records);
+        }
+
+        /// Left at any point, the helper thread's way lets go of every buffer of the batch.
+        #[test]
+        fn left_at_any_point(kinds in prop::collection::vec((any::<u8>(), 0usize..200, any::<u8>()), 0..12), taken in 0usize..12) {
+            let records: Vec<Bytes> = kinds.iter().map(|&(k, n, s)| record(k, n, s)).collect();
+            let mut shared = each::Deaggregating::with_helper(&records);
+            for _ in 0..taken {
+                drop(shared.next());
+            }
+            drop(shared);
+            prop_assert!(records.iter().filter(|r| !r.is_empty()).all(Bytes::is_unique));
         }
     }
 
