@@ -42,15 +42,10 @@ const MAX_DEPTH: usize = 100;
 /// The records of the event in `json`, their `data` still to decode: for each text, the
 /// index of its record and where it stands in `json`. `None`: read it the serde way.
 pub(super) fn read(json: &[u8]) -> Option<(Vec<EventRecord>, Texts)> {
-    let mut scan = Scanner {
-        json,
-        pos: 0,
-        checked: "",
-        checked_from: 0,
-    };
+    let mut scan = Scanner { json, pos: 0 };
     let mut records = None;
     scan.object(0, |scan, key| {
-        if key != "Records" {
+        if key != b"Records" {
             return scan.skip(1).map(drop);
         }
         if records.is_some() {
@@ -69,23 +64,15 @@ pub(super) fn read(json: &[u8]) -> Option<(Vec<EventRecord>, Texts)> {
 struct Scanner<'a> {
     json: &'a [u8],
     pos: usize,
-    /// The last stretch of `json` checked as UTF-8, starting at `checked_from`: strings are
-    /// slices of it.
-    checked: &'a str,
-    checked_from: usize,
 }
 
-/// UTF-8 is checked this many bytes at a time: one `from_utf8` per string would cost more
-/// than the check itself on events of short strings, and the whole event at once would check
-/// the `data` texts too, which their base64 decoder checks anyway. A stretch reaches past
-/// the string that starts it: into a big `data` text, 4 KiB wastes little (W5's are 68 KB).
-const UTF8_STRETCH: usize = 4 << 10;
-
-/// Where the first `"`, `\` or control character of `bytes` is. Eight bytes at a time, as
-/// serde_json scans strings: a flagged byte may be wrong only after a right one, so the
-/// first flag is exact.
-fn string_end(bytes: &[u8]) -> Option<usize> {
+/// Where the first `"`, `\` or control character of `bytes` is, and whether every byte before
+/// it is ASCII (then it needs no UTF-8 check). Eight bytes at a time, as serde_json scans
+/// strings: a flagged byte may be wrong only after a right one, so the first flag is exact.
+fn string_end(bytes: &[u8]) -> Option<(usize, bool)> {
     const ONES: u64 = u64::MAX / 255;
+    const HIGH: u64 = ONES << 7;
+    let mut high = 0;
     let mut chunks = bytes.chunks_exact(8);
     for (i, chunk) in (&mut chunks).enumerate() {
         let x = u64::from_le_bytes(chunk.try_into().ok()?);
@@ -94,15 +81,25 @@ fn string_end(bytes: &[u8]) -> Option<usize> {
         let flags = (x.wrapping_sub(ONES * 0x20) & !x)
             | (quote.wrapping_sub(ONES) & !quote)
             | (backslash.wrapping_sub(ONES) & !backslash);
-        let flags = flags & (ONES << 7);
+        let flags = flags & HIGH;
         if flags != 0 {
-            return Some(i * 8 + flags.trailing_zeros() as usize / 8);
+            let at = flags.trailing_zeros() as usize / 8;
+            // The bytes before the flagged one.
+            let before = if at == 0 {
+                0
+            } else {
+                x & (u64::MAX >> (64 - 8 * at))
+            };
+            return Some((i * 8 + at, (high | before) & HIGH == 0));
         }
+        high |= x;
     }
     let done = bytes.len() - chunks.remainder().len();
-    let mut tail = chunks.remainder().iter();
-    tail.position(|&b| b == b'"' || b == b'\\' || b < 0x20)
-        .map(|i| done + i)
+    let tail = chunks.remainder();
+    let at = tail
+        .iter()
+        .position(|&b| b == b'"' || b == b'\\' || b < 0x20)?;
+    Some((done + at, high & HIGH == 0 && tail[..at].is_ascii()))
 }
 
 impl<'a> Scanner<'a> {
@@ -134,34 +131,26 @@ impl<'a> Scanner<'a> {
         Some(&rest[..end])
     }
 
-    /// A string as JSON requires it (UTF-8, no control characters), here also without
-    /// escapes.
-    fn string(&mut self) -> Option<&'a str> {
+    /// A string's bytes as JSON requires them (UTF-8, no control characters), here also
+    /// without escapes.
+    fn checked_string(&mut self) -> Option<&'a [u8]> {
         self.eat(b'"')?;
         let start = self.pos;
-        let end = start + string_end(&self.json[start..])?;
+        let (len, ascii) = string_end(&self.json[start..])?;
+        let end = start + len;
         if self.json[end] != b'"' {
             return None;
         }
         self.pos = end + 1;
-        self.utf8(start, end)
+        let bytes = &self.json[start..end];
+        // Most strings are ASCII: only the others are checked as UTF-8.
+        (ascii || std::str::from_utf8(bytes).is_ok()).then_some(bytes)
     }
 
-    /// `json[start..end]` as a `str`, from the stretch checked last or a new one from `start`
-    /// (the scan only moves forward).
-    fn utf8(&mut self, start: usize, end: usize) -> Option<&'a str> {
-        if end > self.checked_from + self.checked.len() {
-            let stretch = &self.json[start..end.max(start + UTF8_STRETCH).min(self.json.len())];
-            // What is valid: the string must lie in it (the stretch may end inside a
-            // character, or be invalid past the string).
-            self.checked = match std::str::from_utf8(stretch) {
-                Ok(checked) => checked,
-                Err(e) => std::str::from_utf8(&stretch[..e.valid_up_to()]).ok()?,
-            };
-            self.checked_from = start;
-        }
-        let from = self.checked_from;
-        self.checked.get(start.checked_sub(from)?..end - from)
+    /// [`Scanner::checked_string`] as a `str`: for the strings that are kept (keys and
+    /// skipped values are not).
+    fn string(&mut self) -> Option<&'a str> {
+        std::str::from_utf8(self.checked_string()?).ok()
     }
 
     /// A number, converted by serde_json itself so that it is the very value the serde path
@@ -188,7 +177,7 @@ impl<'a> Scanner<'a> {
     /// Skips any value, checking it; says what kind it was, in the words of `Loose`.
     fn skip(&mut self, depth: usize) -> Option<&'static str> {
         Some(match self.peek()? {
-            b'"' => self.string().map(|_| "a string")?,
+            b'"' => self.checked_string().map(|_| "a string")?,
             b'{' => self
                 .object(depth + 1, |scan, _| scan.skip(depth + 1).map(drop))
                 .map(|()| "an object")?,
@@ -206,10 +195,10 @@ impl<'a> Scanner<'a> {
     fn object(
         &mut self,
         depth: usize,
-        mut field: impl FnMut(&mut Self, &'a str) -> Option<()>,
+        mut field: impl FnMut(&mut Self, &'a [u8]) -> Option<()>,
     ) -> Option<()> {
         self.sequence(depth, b'{', b'}', |scan| {
-            let key = scan.string()?;
+            let key = scan.checked_string()?;
             scan.eat(b':')?;
             field(scan, key)
         })
@@ -298,15 +287,15 @@ impl<'a> Scanner<'a> {
         let mut raw = RawRecord::default();
         let mut seen = Seen::default();
         self.object(2, |scan, key| match key {
-            "kinesis" => seen.set(0, &mut raw.kinesis, scan.kinesis()?),
-            "eventID" => seen.set(1, &mut raw.event_id, scan.loose_str(3)?),
-            "eventSourceARN" => seen.set(2, &mut raw.event_source_arn, scan.loose_str(3)?),
-            "SequenceNumber" => {
+            b"kinesis" => seen.set(0, &mut raw.kinesis, scan.kinesis()?),
+            b"eventID" => seen.set(1, &mut raw.event_id, scan.loose_str(3)?),
+            b"eventSourceARN" => seen.set(2, &mut raw.event_source_arn, scan.loose_str(3)?),
+            b"SequenceNumber" => {
                 seen.set(3, &mut raw.get_records_sequence_number, scan.loose_str(3)?)
             }
-            "PartitionKey" => seen.set(4, &mut raw.get_records_partition_key, scan.loose_str(3)?),
-            "Data" => seen.set(5, &mut raw.get_records_data, scan.loose_text(3)?),
-            "ApproximateArrivalTimestamp" => {
+            b"PartitionKey" => seen.set(4, &mut raw.get_records_partition_key, scan.loose_str(3)?),
+            b"Data" => seen.set(5, &mut raw.get_records_data, scan.loose_text(3)?),
+            b"ApproximateArrivalTimestamp" => {
                 let slot = &mut raw.get_records_approximate_arrival_timestamp;
                 seen.set(6, slot, scan.loose_str(3)?)
             }
@@ -332,10 +321,10 @@ impl<'a> Scanner<'a> {
             _ => return Some(Some(Lenient::Not(self.skip(3)?))),
         }
         self.object(3, |scan, key| match key {
-            "sequenceNumber" => seen.set(0, &mut raw.sequence_number, scan.loose_str(4)?),
-            "partitionKey" => seen.set(1, &mut raw.partition_key, scan.loose_str(4)?),
-            "data" => seen.set(2, &mut raw.data, scan.loose_text(4)?),
-            "approximateArrivalTimestamp" => seen.set(
+            b"sequenceNumber" => seen.set(0, &mut raw.sequence_number, scan.loose_str(4)?),
+            b"partitionKey" => seen.set(1, &mut raw.partition_key, scan.loose_str(4)?),
+            b"data" => seen.set(2, &mut raw.data, scan.loose_text(4)?),
+            b"approximateArrivalTimestamp" => seen.set(
                 3,
                 &mut raw.approximate_arrival_timestamp,
                 scan.loose_str(4)?,
@@ -537,8 +526,9 @@ mod tests {
 
         #[test]
         fn string_end_finds_the_first_quote_backslash_or_control(bytes in prop::collection::vec(
-            prop_oneof![8 => 0x20u8..=0xff, 1 => Just(b'"'), 1 => Just(b'\\'), 1 => 0u8..0x20], 0..40)) {
+            prop_oneof![8 => 0x20u8..0x80, 1 => 0x80u8..=0xff, 1 => Just(b'"'), 1 => Just(b'\\'), 1 => 0u8..0x20], 0..40)) {
             let naive = bytes.iter().position(|&b| b == b'"' || b == b'\\' || b < 0x20);
+            let naive = naive.map(|end| (end, bytes[..end].is_ascii()));
             prop_assert_eq!(string_end(&bytes), naive);
         }
 
@@ -604,11 +594,11 @@ mod tests {
         }
     }
 
-    /// UTF-8 is checked in stretches: a character cut by a stretch's end, and a bad byte far
-    /// into a `data` text or a long string, are read as serde reads them.
+    /// Strings that are not ASCII are checked as UTF-8: long ones of two-byte characters, and a
+    /// bad byte far into a `data` text or a long string, are read as serde reads them.
     #[test]
-    fn long_strings_are_checked_across_stretches() {
-        let long = "\u{e9}".repeat(50_000); // 100 KB of two-byte characters, many stretches
+    fn long_strings_are_checked_as_utf8() {
+        let long = "\u{e9}".repeat(50_000); // 100 KB of two-byte characters
         for odd in [0, 1] {
             let pad = "x".repeat(odd);
             let json = format!(
