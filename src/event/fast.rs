@@ -67,39 +67,30 @@ struct Scanner<'a> {
 }
 
 /// Where the first `"`, `\` or control character of `bytes` is, and whether every byte before
-/// it is ASCII (then it needs no UTF-8 check). Eight bytes at a time, as serde_json scans
-/// strings: a flagged byte may be wrong only after a right one, so the first flag is exact.
+/// it is ASCII (then it needs no UTF-8 check). Sixteen bytes at a time (SSE2 through `wide`).
 fn string_end(bytes: &[u8]) -> Option<(usize, bool)> {
-    const ONES: u64 = u64::MAX / 255;
-    const HIGH: u64 = ONES << 7;
+    use wide::u8x16;
+    let (quote, backslash, last_control) =
+        (u8x16::splat(b'"'), u8x16::splat(b'\\'), u8x16::splat(0x1F));
     let mut high = 0;
-    let mut chunks = bytes.chunks_exact(8);
+    let mut chunks = bytes.chunks_exact(16);
     for (i, chunk) in (&mut chunks).enumerate() {
-        let x = u64::from_le_bytes(chunk.try_into().ok()?);
-        let quote = x ^ (ONES * u64::from(b'"'));
-        let backslash = x ^ (ONES * u64::from(b'\\'));
-        let flags = (x.wrapping_sub(ONES * 0x20) & !x)
-            | (quote.wrapping_sub(ONES) & !quote)
-            | (backslash.wrapping_sub(ONES) & !backslash);
-        let flags = flags & HIGH;
+        let x = u8x16::from(<[u8; 16]>::try_from(chunk).ok()?);
+        let special = x.simd_eq(quote) | x.simd_eq(backslash) | x.min(last_control).simd_eq(x);
+        let (flags, non_ascii) = (special.to_bitmask(), x.to_bitmask());
         if flags != 0 {
-            let at = flags.trailing_zeros() as usize / 8;
-            // The bytes before the flagged one.
-            let before = if at == 0 {
-                0
-            } else {
-                x & (u64::MAX >> (64 - 8 * at))
-            };
-            return Some((i * 8 + at, (high | before) & HIGH == 0));
+            let at = flags.trailing_zeros();
+            let before = non_ascii & ((1 << at) - 1);
+            return Some((i * 16 + at as usize, high | before == 0));
         }
-        high |= x;
+        high |= non_ascii;
     }
     let done = bytes.len() - chunks.remainder().len();
     let tail = chunks.remainder();
     let at = tail
         .iter()
         .position(|&b| b == b'"' || b == b'\\' || b < 0x20)?;
-    Some((done + at, high & HIGH == 0 && tail[..at].is_ascii()))
+    Some((done + at, high == 0 && tail[..at].is_ascii()))
 }
 
 impl<'a> Scanner<'a> {
