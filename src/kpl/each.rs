@@ -105,9 +105,11 @@ impl<'a> Deaggregating<'a> {
                 let matches = digest[..] == *trailers[k];
                 send.send(Message::Verdict(shaped[k], matches)).is_ok() && !its.stopped()
             });
-            while let Some(k) = its.claim_back() {
+            while !its.stopped()
+                && let Some(k) = its.claim_back()
+            {
                 let split = finish(owned[k].clone(), None);
-                if send.send(Message::Split(k, split)).is_err() || its.stopped() {
+                if send.send(Message::Split(k, split)).is_err() {
                     return;
                 }
             }
