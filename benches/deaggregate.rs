@@ -71,7 +71,8 @@ fn md5_of_an_event(c: &mut Criterion) {
 }
 
 /// A whole event's aggregates at once (`deaggregate_all`): 5 x 1 MiB of ~200 B records. With a
-/// second core the MD5s run beside the protobuf decoding (`taskset -c 0` to see one core).
+/// second core a helper thread computes the MD5s and splits from the end of the batch
+/// (`taskset -c 0` to see one core).
 fn all_of_an_event(c: &mut Criterion) {
     let records = aggregates(5);
     let mut g = c.benchmark_group("5x1MiB-aggregates");
