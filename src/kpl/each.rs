@@ -187,19 +187,23 @@ impl Iterator for Deaggregating<'_> {
         self.next += 1;
         loop {
             self.receive(false);
-            let split = self.split.get_mut(i).and_then(Option::take);
-            match (self.verdicts[i], split) {
-                (Some(Some(false)), _) => return Some(finish(data, Some(false))),
-                (Some(_), Some(split)) => return Some(split),
-                (Some(verdict), None) => {
+            match self.verdicts[i] {
+                Some(Some(false)) => {
+                    // A split made ahead is of no use: drop it now, not with the iterator.
+                    self.split.get_mut(i).map(Option::take);
+                    return Some(finish(data, Some(false)));
+                }
+                Some(verdict) => {
+                    if let Some(split) = self.split.get_mut(i).and_then(Option::take) {
+                        return Some(split);
+                    }
                     // Record i is this thread's to split, unless the helper claimed it.
                     if self.claim(i) {
                         return Some(finish(data, verdict));
                     }
                 }
-                (None, split) => {
-                    self.split[i] = split;
-                    // While the verdict is awaited, split ahead.
+                // While the verdict is awaited, split ahead.
+                None => {
                     if let Some(k) = self.claim_front() {
                         self.split[k] = Some(finish(self.records[k].clone(), None));
                         continue;
