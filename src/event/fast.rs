@@ -122,9 +122,9 @@ impl<'a> Scanner<'a> {
         Some(&rest[..end])
     }
 
-    /// A string's bytes as JSON requires them (UTF-8, no control characters), here also
-    /// without escapes.
-    fn checked_string(&mut self) -> Option<&'a [u8]> {
+    /// A string's bytes, without escapes or control characters, and whether they are all
+    /// ASCII; not yet checked as UTF-8.
+    fn string_bytes(&mut self) -> Option<(&'a [u8], bool)> {
         self.eat(b'"')?;
         let start = self.pos;
         let (len, ascii) = string_end(&self.json[start..])?;
@@ -133,15 +133,20 @@ impl<'a> Scanner<'a> {
             return None;
         }
         self.pos = end + 1;
-        let bytes = &self.json[start..end];
+        Some((&self.json[start..end], ascii))
+    }
+
+    /// A string's bytes as JSON requires them (UTF-8, no control characters), here also
+    /// without escapes: for keys and skipped values.
+    fn checked_string(&mut self) -> Option<&'a [u8]> {
+        let (bytes, ascii) = self.string_bytes()?;
         // Most strings are ASCII: only the others are checked as UTF-8.
         (ascii || std::str::from_utf8(bytes).is_ok()).then_some(bytes)
     }
 
-    /// [`Scanner::checked_string`] as a `str`: for the strings that are kept (keys and
-    /// skipped values are not).
+    /// A string as JSON requires it, here also without escapes: for the strings that are kept.
     fn string(&mut self) -> Option<&'a str> {
-        std::str::from_utf8(self.checked_string()?).ok()
+        std::str::from_utf8(self.string_bytes()?.0).ok()
     }
 
     /// A number, converted by serde_json itself so that it is the very value the serde path
