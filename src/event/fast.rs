@@ -85,12 +85,20 @@ fn string_end(bytes: &[u8]) -> Option<(usize, bool)> {
         }
         high |= non_ascii;
     }
-    let done = bytes.len() - chunks.remainder().len();
-    let tail = chunks.remainder();
+    tail_end(bytes, chunks.remainder(), high == 0)
+}
+
+/// [`string_end`] in the last bytes of the event, fewer than sixteen (`tail`): rare, so kept
+/// out of the way of the loop.
+#[cold]
+fn tail_end(bytes: &[u8], tail: &[u8], ascii: bool) -> Option<(usize, bool)> {
     let at = tail
         .iter()
         .position(|&b| b == b'"' || b == b'\\' || b < 0x20)?;
-    Some((done + at, high == 0 && tail[..at].is_ascii()))
+    Some((
+        bytes.len() - tail.len() + at,
+        ascii && tail[..at].is_ascii(),
+    ))
 }
 
 impl<'a> Scanner<'a> {
@@ -107,7 +115,11 @@ impl<'a> Scanner<'a> {
     }
 
     fn eat(&mut self, byte: u8) -> Option<()> {
-        (self.peek()? == byte).then(|| self.pos += 1)
+        // Most tokens follow the last one at once (or after the peek that chose them).
+        if self.json.get(self.pos) != Some(&byte) {
+            self.ws();
+        }
+        (*self.json.get(self.pos)? == byte).then(|| self.pos += 1)
     }
 
     /// A string's bytes, unchecked, when it has no escape.
@@ -124,29 +136,25 @@ impl<'a> Scanner<'a> {
 
     /// A string's bytes, without escapes or control characters, and whether they are all
     /// ASCII; not yet checked as UTF-8.
+    #[inline(always)]
     fn string_bytes(&mut self) -> Option<(&'a [u8], bool)> {
         self.eat(b'"')?;
-        let start = self.pos;
-        let (len, ascii) = string_end(&self.json[start..])?;
-        let end = start + len;
-        if self.json[end] != b'"' {
+        let rest = &self.json[self.pos..];
+        let (len, ascii) = string_end(rest)?;
+        if rest[len] != b'"' {
             return None;
         }
-        self.pos = end + 1;
-        Some((&self.json[start..end], ascii))
+        self.pos += len + 1;
+        Some((&rest[..len], ascii))
     }
 
     /// A string's bytes as JSON requires them (UTF-8, no control characters), here also
-    /// without escapes: for keys and skipped values.
+    /// without escapes.
+    #[inline(always)]
     fn checked_string(&mut self) -> Option<&'a [u8]> {
         let (bytes, ascii) = self.string_bytes()?;
         // Most strings are ASCII: only the others are checked as UTF-8.
         (ascii || std::str::from_utf8(bytes).is_ok()).then_some(bytes)
-    }
-
-    /// A string as JSON requires it, here also without escapes: for the strings that are kept.
-    fn string(&mut self) -> Option<&'a str> {
-        std::str::from_utf8(self.string_bytes()?.0).ok()
     }
 
     /// A number, converted by serde_json itself so that it is the very value the serde path
@@ -242,7 +250,7 @@ impl<'a> Scanner<'a> {
     }
 
     fn loose_str<S: FromJsonStr<'a>>(&mut self, depth: usize) -> Option<Option<Loose<S>>> {
-        self.loose(depth, |scan| scan.string().map(S::from_borrowed))
+        self.loose(depth, |scan| S::from_checked_bytes(scan.checked_string()?))
     }
 
     /// A `data` field: its text is checked later, by the base64 decoder.
@@ -337,6 +345,7 @@ struct Seen(u8);
 
 impl Seen {
     /// Stores the value of field number `field`, unless the object had that field already.
+    #[inline(always)]
     fn set<T>(&mut self, field: u8, slot: &mut T, value: T) -> Option<()> {
         let bit = 1 << field;
         if self.0 & bit != 0 {

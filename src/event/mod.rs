@@ -238,6 +238,11 @@ trait FromJsonStr<'de>: Sized {
     fn from_borrowed(s: &'de str) -> Self {
         Self::from_json_str(s)
     }
+    /// [`from_borrowed`](Self::from_borrowed) on bytes the fast path checked as a JSON
+    /// string (UTF-8, no escapes); `None` only if they were not.
+    fn from_checked_bytes(bytes: &'de [u8]) -> Option<Self> {
+        std::str::from_utf8(bytes).ok().map(Self::from_borrowed)
+    }
 }
 
 impl FromJsonStr<'_> for Arc<str> {
@@ -247,15 +252,20 @@ impl FromJsonStr<'_> for Arc<str> {
 }
 
 /// A string that is the same in most records of an event (the shard, the stream): read
-/// without a copy, then shared through [`Repeated`].
-struct Str<'de>(Cow<'de, str>);
+/// without a copy, then shared through [`Repeated`]. Its bytes are checked UTF-8, kept as
+/// bytes so that an ASCII string the fast path found equal to the last one is never
+/// converted.
+struct Str<'de>(Cow<'de, [u8]>);
 
 impl<'de: 'a, 'a> FromJsonStr<'de> for Str<'a> {
     fn from_json_str(s: &str) -> Self {
-        Str(Cow::Owned(s.to_owned()))
+        Str(Cow::Owned(s.as_bytes().to_vec()))
     }
     fn from_borrowed(s: &'de str) -> Self {
-        Str(Cow::Borrowed(s))
+        Str(Cow::Borrowed(s.as_bytes()))
+    }
+    fn from_checked_bytes(bytes: &'de [u8]) -> Option<Self> {
+        Some(Str(Cow::Borrowed(bytes)))
     }
 }
 
@@ -268,10 +278,11 @@ struct Repeated {
 }
 
 impl Repeated {
-    fn share(slot: &mut Option<Arc<str>>, s: &str) -> Arc<str> {
+    /// `s` (checked UTF-8, so nothing is ever replaced), the last one's `Arc` if equal.
+    fn share(slot: &mut Option<Arc<str>>, s: &[u8]) -> Arc<str> {
         match slot {
-            Some(last) if **last == *s => last.clone(),
-            _ => slot.insert(Arc::from(s)).clone(),
+            Some(last) if last.as_bytes() == s => last.clone(),
+            _ => slot.insert(String::from_utf8_lossy(s).into()).clone(),
         }
     }
 }
@@ -478,9 +489,8 @@ impl EventRecord {
             _ => None,
         };
         let shard_id = match raw.event_id {
-            Some(Loose::Str(Str(id))) => id
-                .split_once(':')
-                .map(|(shard, _)| Repeated::share(&mut repeated.shard_id, shard)),
+            Some(Loose::Str(Str(id))) => memchr::memchr(b':', &id)
+                .map(|colon| Repeated::share(&mut repeated.shard_id, &id[..colon])),
             _ => None,
         };
         let event_source_arn = match raw.event_source_arn {
