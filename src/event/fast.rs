@@ -19,9 +19,6 @@ use memchr::memchr2;
 
 use super::{EventRecord, FromJsonStr, Lenient, Loose, RawKinesis, RawRecord, Repeated, Text};
 
-/// Where the `data` texts are: the index of each one's record, and its bytes in the event.
-pub(super) type Texts = Vec<(usize, Range<usize>)>;
-
 /// True unless a text the base64 decoder refused is not even a JSON string (a control
 /// character or invalid UTF-8 in it): the fast path never checked that, serde must decide.
 pub(super) fn refused_texts_are_json(records: &[EventRecord]) -> bool {
@@ -39,26 +36,87 @@ fn is_json_string(text: &[u8]) -> bool {
 /// Deeper than this, give up (serde_json itself stops at 128).
 const MAX_DEPTH: usize = 100;
 
-/// The records of the event in `json`, their `data` still to decode: for each text, the
-/// index of its record and where it stands in `json`. `None`: read it the serde way.
-pub(super) fn read(json: &[u8]) -> Option<(Vec<EventRecord>, Texts)> {
-    let mut scan = Scanner { json, pos: 0 };
+/// The records of the event in `json`, their `data` still to decode. `None`: read it the
+/// serde way.
+///
+/// Each record's `data` text is handed to `text` (with the record's index and where the text
+/// stands) as soon as the record is read, before the next one is: the text was just scanned,
+/// so it is still in the cache, and `text` may decode it in place, since the scan never looks
+/// back. (Read first and decoded after, each text came from memory twice.)
+pub(super) fn read<J: AsRef<[u8]> + ?Sized>(
+    json: &mut J,
+    mut text: impl FnMut(&mut J, usize, Range<usize>),
+) -> Option<Vec<EventRecord>> {
     let mut records = None;
-    scan.object(0, |scan, key| {
-        if key != b"Records" {
-            return scan.skip(1).map(drop);
+    let mut scan = Scanner::new(json.as_ref(), 0);
+    scan.eat(b'{')?;
+    if scan.eat(b'}').is_none() {
+        loop {
+            let key = scan.checked_string()?;
+            scan.eat(b':')?;
+            if key != b"Records" {
+                scan.skip(1)?;
+            } else if records.is_some() {
+                return None; // serde: duplicate field
+            } else {
+                let (read, end) = read_records(json, scan.pos, &mut text)?;
+                records = Some(read);
+                scan = Scanner::new(json.as_ref(), end);
+            }
+            if scan.eat(b',').is_none() {
+                scan.eat(b'}')?;
+                break;
+            }
         }
-        if records.is_some() {
-            return None; // serde: duplicate field
-        }
-        records = Some(scan.records()?);
-        Some(())
-    })?;
+    }
     scan.ws();
-    if scan.pos != json.len() {
+    if scan.pos != scan.json.len() {
         return None; // trailing characters
     }
     records
+}
+
+/// The `Records` array at `pos`, read as the serde path reads it, and where it ends. Each
+/// record is read by a scanner of its own, so that `text` may change what is behind it.
+fn read_records<J: AsRef<[u8]> + ?Sized>(
+    json: &mut J,
+    pos: usize,
+    text: &mut impl FnMut(&mut J, usize, Range<usize>),
+) -> Option<(Vec<EventRecord>, usize)> {
+    let mut records = Vec::new();
+    let mut repeated = Repeated::default();
+    let mut scan = Scanner::new(json.as_ref(), pos);
+    scan.eat(b'[')?;
+    if scan.eat(b']').is_some() {
+        return Some((records, scan.pos));
+    }
+    loop {
+        let raw = match scan.peek()? {
+            b'{' => Lenient::Object(scan.record()?),
+            _ => Lenient::Not(scan.skip(2)?),
+        };
+        // A record serde refuses fails the event: serde says how.
+        let (record, data) = EventRecord::from_raw(raw, &mut repeated).ok()?;
+        let at = match data {
+            Some(Text(Cow::Borrowed(data))) => {
+                let start = data.as_ptr() as usize - scan.json.as_ptr() as usize;
+                Some(start..start + data.len())
+            }
+            // Never made here (no escapes); were it, serde would decode it.
+            Some(Text(Cow::Owned(_))) => return None,
+            None => None,
+        };
+        let pos = scan.pos;
+        records.push(record);
+        if let Some(at) = at {
+            text(json, records.len() - 1, at);
+        }
+        scan = Scanner::new(json.as_ref(), pos);
+        if scan.eat(b',').is_none() {
+            scan.eat(b']')?;
+            return Some((records, scan.pos));
+        }
+    }
 }
 
 struct Scanner<'a> {
@@ -102,6 +160,10 @@ fn tail_end(bytes: &[u8], tail: &[u8], ascii: bool) -> Option<(usize, bool)> {
 }
 
 impl<'a> Scanner<'a> {
+    fn new(json: &'a [u8], pos: usize) -> Self {
+        Scanner { json, pos }
+    }
+
     fn ws(&mut self) {
         while let Some(b' ' | b'\t' | b'\n' | b'\r') = self.json.get(self.pos) {
             self.pos += 1;
@@ -266,34 +328,6 @@ impl<'a> Scanner<'a> {
     /// A `data` field: its text is checked later, by the base64 decoder.
     fn loose_text(&mut self, depth: usize) -> Option<Option<Loose<Text<'a>>>> {
         self.loose(depth, |scan| scan.raw_string().map(|raw| Text(raw.into())))
-    }
-
-    /// The `Records` array, read as the serde path reads it.
-    fn records(&mut self) -> Option<(Vec<EventRecord>, Texts)> {
-        let mut records = Vec::new();
-        let mut texts = Vec::new();
-        let base = self.json.as_ptr() as usize;
-        let mut repeated = Repeated::default();
-        self.array(1, |scan| {
-            let raw = match scan.peek()? {
-                b'{' => Lenient::Object(scan.record()?),
-                _ => Lenient::Not(scan.skip(2)?),
-            };
-            // A record serde refuses fails the event: serde says how.
-            let (record, text) = EventRecord::from_raw(raw, &mut repeated).ok()?;
-            match text {
-                Some(Text(Cow::Borrowed(text))) => {
-                    let start = text.as_ptr() as usize - base;
-                    texts.push((records.len(), start..start + text.len()));
-                }
-                // Never made here (no escapes); were it, serde would decode it.
-                Some(Text(Cow::Owned(_))) => return None,
-                None => {}
-            }
-            records.push(record);
-            Some(())
-        })?;
-        Some((records, texts))
     }
 
     /// One record object (Lambda's or `get-records`' shape).
@@ -567,6 +601,13 @@ mod tests {
         }
     }
 
+    /// The fast path on an event alone: its records, and each `data` text's record and place.
+    fn read_alone(json: &[u8]) -> Option<(Vec<EventRecord>, Vec<(usize, Range<usize>)>)> {
+        let mut texts = Vec::new();
+        let records = read(&mut &json[..], |_, i, at| texts.push((i, at)))?;
+        Some((records, texts))
+    }
+
     /// The oracle above means something only if the fast path often answers.
     #[test]
     fn generated_events_often_take_the_fast_path() {
@@ -575,7 +616,7 @@ mod tests {
         let (mut fast, mut with_data) = (0, 0);
         for _ in 0..1000 {
             let json = event().new_tree(&mut runner).unwrap().current();
-            if let Some((_, texts)) = read(json.as_bytes()) {
+            if let Some((_, texts)) = read_alone(json.as_bytes()) {
                 fast += 1;
                 with_data += !texts.is_empty() as usize;
             }
@@ -591,7 +632,8 @@ mod tests {
     fn lambda_events_take_the_fast_path() {
         let records: Vec<String> = (0..50).map(|i| lambda_record(i, i * 7)).collect();
         let json = format!(r#"{{"Records":[{}]}}"#, records.join(","));
-        let (records, texts) = read(json.as_bytes()).expect("a Lambda event took the slow path");
+        let (records, texts) =
+            read_alone(json.as_bytes()).expect("a Lambda event took the slow path");
         assert_eq!((records.len(), texts.len()), (50, 50));
         agrees(json.as_bytes()).unwrap();
         for file in std::fs::read_dir("events").unwrap() {
@@ -601,7 +643,7 @@ mod tests {
             {
                 let json = std::fs::read(&path).unwrap();
                 assert!(
-                    read(&json).is_some(),
+                    read_alone(&json).is_some(),
                     "{} took the slow path",
                     path.display()
                 );
@@ -620,7 +662,7 @@ mod tests {
                 r#"{{"Records":[{},{{"kinesis":{{"sequenceNumber":"2","partitionKey":"{pad}{long}","data":"aGk="}}}}]}}"#,
                 lambda_record(1, 100_000)
             );
-            assert!(read(json.as_bytes()).is_some());
+            assert!(read_alone(json.as_bytes()).is_some());
             agrees(json.as_bytes()).unwrap();
             for bad_at in [json.len() / 4, json.len() - 300] {
                 let mut bad = json.clone().into_bytes();
@@ -668,6 +710,16 @@ mod tests {
         let serde = serde_json::from_str::<KinesisEvent>(&bad).unwrap_err();
         let ours = KinesisEvent::from_owned(bad.into_bytes()).unwrap_err();
         assert_eq!(ours.to_string(), format!("not a Kinesis event: {serde}"));
+
+        // The fast path gives up after the big texts were decoded (an escape in the last
+        // text, characters after the event): serde reads the body as it came.
+        let escaped = json.replacen(r#""data":"ok""#, r#""data":"o\u006b""#, 1);
+        assert!(read_alone(escaped.as_bytes()).is_none());
+        agrees(escaped.as_bytes()).unwrap();
+        let trailing = format!("{json} x");
+        let serde = serde_json::from_str::<KinesisEvent>(&trailing).unwrap_err();
+        let ours = KinesisEvent::from_owned(trailing.into_bytes()).unwrap_err();
+        assert_eq!(ours.to_string(), format!("not a Kinesis event: {serde}"));
     }
 
     #[test]
@@ -683,17 +735,17 @@ mod tests {
             "{\"Records\":[{\"kinesis\":{\"sequenceNumber\":\"1\"},\"Data\":\"a\nb\"}]}",
             r#"{"Records":[{"kinesis":{"sequenceNumber":"1","approximateArrivalTimestamp":1e400}}]}"#,
         ] {
-            assert!(read(json.as_bytes()).is_none(), "{json}");
+            assert!(read_alone(json.as_bytes()).is_none(), "{json}");
         }
         let deep = format!(
             r#"{{"Records":[],"x":{}{}}}"#,
             "[".repeat(200),
             "]".repeat(200)
         );
-        assert!(read(deep.as_bytes()).is_none());
+        assert!(read_alone(deep.as_bytes()).is_none());
         // Not base64, but a JSON string: the record's problem, read on the fast path.
         let json = br#"{"Records":[{"kinesis":{"sequenceNumber":"1","data":"!!"}}]}"#;
-        assert!(read(json).is_some());
+        assert!(read_alone(json).is_some());
         let bad = &KinesisEvent::from_owned(json.to_vec()).unwrap().records[0];
         assert_eq!(bad.data.as_ref().unwrap_err().raw, "!!");
     }

@@ -94,7 +94,8 @@ impl KinesisEvent {
     /// ```
     pub fn from_slice(json: &[u8]) -> Result<Self, EventError> {
         // The fast path answers for the events Lambda sends; serde decides everything else.
-        if let Some((mut records, texts)) = fast::read(json) {
+        let mut texts = Vec::new();
+        if let Some(mut records) = fast::read(&mut &json[..], |_, i, at| texts.push((i, at))) {
             let texts = texts.into_iter().map(|(i, at)| (i, &json[at]));
             decode::into_one_buffer(&mut records, texts);
             if fast::refused_texts_are_json(&records) {
@@ -125,31 +126,34 @@ impl KinesisEvent {
     where
         B: AsRef<[u8]> + AsMut<[u8]> + Into<Bytes>,
     {
-        if let Some((mut records, texts)) = fast::read(body.as_ref()) {
-            let json = body.as_mut();
-            let spans: Vec<_> = texts
-                .iter()
-                .map(|(_, at)| decode::in_place(json, at.clone()))
-                .collect();
-            // Refused texts are still whole, to be explained.
-            let refused = texts.iter().zip(&spans).filter(|(_, span)| span.is_none());
-            let refused = refused.map(|((i, at), _)| (*i, &json[at.clone()]));
+        // Each text is decoded as soon as the fast path has read its record (`None` if
+        // refused: it is still whole, to be explained).
+        let mut texts = Vec::new();
+        let read = fast::read(body.as_mut(), |json, i, at| {
+            let span = decode::in_place(json, at.clone());
+            texts.push((i, at, span));
+        });
+        if let Some(mut records) = read {
+            let json = body.as_ref();
+            let refused = texts.iter().filter(|(_, _, span)| span.is_none());
+            let refused = refused.map(|(i, at, _)| (*i, &json[at.clone()]));
             decode::into_one_buffer(&mut records, refused);
             if fast::refused_texts_are_json(&records) {
                 let body: Bytes = body.into();
-                for ((i, _), span) in texts.into_iter().zip(spans) {
+                for (i, _, span) in texts {
                     if let Some(span) = span {
                         records[i].data = Ok(body.slice(span));
                     }
                 }
                 return Ok(KinesisEvent { records });
             }
-            // Serde reads the body as it came (rare: a refused text that is not even a JSON
-            // string).
-            for ((_, at), span) in texts.into_iter().zip(spans) {
-                if let Some(span) = span {
-                    decode::put_back(json, at, span.end);
-                }
+        }
+        // Serde reads the body as it came (rare: the fast path gave up, or a refused text is
+        // not even a JSON string).
+        let json = body.as_mut();
+        for (_, at, span) in texts {
+            if let Some(span) = span {
+                decode::put_back(json, at, span.end);
             }
         }
         Ok(serde_json::from_slice(body.as_ref())?)
