@@ -601,10 +601,10 @@ mod tests {
         }
     }
 
-    /// The fast path on an event alone: its records, and each `data` text's record and place.
-    fn read_alone(json: &[u8]) -> Option<(Vec<EventRecord>, Vec<(usize, Range<usize>)>)> {
-        let mut texts = Vec::new();
-        let records = read(&mut &json[..], |_, i, at| texts.push((i, at)))?;
+    /// The fast path on an event alone: its records, and how many `data` texts it found.
+    fn read_alone(json: &[u8]) -> Option<(Vec<EventRecord>, usize)> {
+        let mut texts = 0;
+        let records = read(&mut &json[..], |_, _, _| texts += 1)?;
         Some((records, texts))
     }
 
@@ -618,7 +618,7 @@ mod tests {
             let json = event().new_tree(&mut runner).unwrap().current();
             if let Some((_, texts)) = read_alone(json.as_bytes()) {
                 fast += 1;
-                with_data += !texts.is_empty() as usize;
+                with_data += (texts > 0) as usize;
             }
         }
         // 276 and 71 when written; serde refuses most of the others as well.
@@ -634,7 +634,7 @@ mod tests {
         let json = format!(r#"{{"Records":[{}]}}"#, records.join(","));
         let (records, texts) =
             read_alone(json.as_bytes()).expect("a Lambda event took the slow path");
-        assert_eq!((records.len(), texts.len()), (50, 50));
+        assert_eq!((records.len(), texts), (50, 50));
         agrees(json.as_bytes()).unwrap();
         for file in std::fs::read_dir("events").unwrap() {
             let path = file.unwrap().path();
