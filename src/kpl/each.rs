@@ -59,11 +59,16 @@ enum Message {
 }
 
 impl<'a> Deaggregating<'a> {
-    /// Every verdict computed here and now, side by side.
-    pub(super) fn alone(records: &'a [Bytes], verify_checksum: bool) -> Self {
+    /// Every verdict computed here and now, side by side: those of `parts`, the records'
+    /// [`Aggregates`] (`None`: the checksums are not verified).
+    pub(super) fn alone(records: &'a [Bytes], parts: Option<Aggregates<'a>>) -> Self {
         let mut verdicts = vec![None; records.len()];
-        if verify_checksum {
-            let (shaped, bodies, trailers) = aggregates(records);
+        if let Some(Aggregates {
+            shaped,
+            bodies,
+            trailers,
+        }) = parts
+        {
             // A mismatch until its digest says otherwise: the safe side.
             for &i in &shaped {
                 verdicts[i] = Some(false);
@@ -82,11 +87,11 @@ impl<'a> Deaggregating<'a> {
         }
     }
 
-    /// The checksums verified and the work shared with a helper thread (or done
-    /// [`alone`](Self::alone) if no thread can be made: a process limit only costs the
-    /// parallelism).
-    pub(super) fn with_helper(records: &'a [Bytes]) -> Self {
-        let (shaped, _, _) = aggregates(records);
+    /// The checksums of `parts` (the records' [`Aggregates`]) verified and the work shared
+    /// with a helper thread (or done [`alone`](Self::alone) if no thread can be made: a
+    /// process limit only costs the parallelism).
+    pub(super) fn with_helper(records: &'a [Bytes], parts: Aggregates<'a>) -> Self {
+        let shaped = parts.shaped;
         let mut verdicts = vec![Some(None); records.len()];
         for &i in &shaped {
             verdicts[i] = None;
@@ -100,7 +105,9 @@ impl<'a> Deaggregating<'a> {
         let owned = records.to_vec();
         let its = shared.clone();
         let work = move || {
-            let (_, bodies, trailers) = aggregates(&owned);
+            let Aggregates {
+                bodies, trailers, ..
+            } = Aggregates::of(&owned);
             md5_each(&bodies, Order::AsGiven, &mut |k, digest| {
                 let matches = digest[..] == *trailers[k];
                 send.send(Message::Verdict(shaped[k], matches)).is_ok() && !its.stopped()
@@ -128,7 +135,7 @@ impl<'a> Deaggregating<'a> {
                     thread: Some(thread),
                 }),
             },
-            Err(_) => Self::alone(records, true),
+            Err(_) => Self::alone(records, Some(Aggregates::of(records))),
         }
     }
 
@@ -245,17 +252,35 @@ impl Drop for Helper {
     }
 }
 
-/// The records shaped like aggregates: their indices, protobuf bodies and MD5 trailers.
-fn aggregates(records: &[Bytes]) -> (Vec<usize>, Vec<&[u8]>, Vec<&[u8]>) {
-    let mut shaped = Vec::new();
-    let mut bodies = Vec::new();
-    let mut trailers = Vec::new();
-    for (i, data) in records.iter().enumerate() {
-        if let Some((body, trailer)) = checksum_parts(data) {
-            shaped.push(i);
-            bodies.push(body);
-            trailers.push(trailer);
+/// The records of a batch shaped like aggregates.
+pub(super) struct Aggregates<'a> {
+    /// Their indices in the batch.
+    shaped: Vec<usize>,
+    /// Their protobuf bodies.
+    bodies: Vec<&'a [u8]>,
+    /// Their MD5 trailers.
+    trailers: Vec<&'a [u8]>,
+}
+
+impl<'a> Aggregates<'a> {
+    pub(super) fn of(records: &'a [Bytes]) -> Self {
+        let mut parts = Aggregates {
+            shaped: Vec::new(),
+            bodies: Vec::new(),
+            trailers: Vec::new(),
+        };
+        for (i, data) in records.iter().enumerate() {
+            if let Some((body, trailer)) = checksum_parts(data) {
+                parts.shaped.push(i);
+                parts.bodies.push(body);
+                parts.trailers.push(trailer);
+            }
         }
+        parts
     }
-    (shaped, bodies, trailers)
+
+    /// The bytes to hash.
+    pub(super) fn body_bytes(&self) -> usize {
+        self.bodies.iter().map(|body| body.len()).sum()
+    }
 }

@@ -23,7 +23,7 @@ use bytes::Bytes;
 use md5::{Digest, Md5};
 
 pub use aggregate::{AggregateError, AggregatedRecord, Aggregator};
-use each::Deaggregating;
+use each::{Aggregates, Deaggregating};
 pub use md5_many::md5_many;
 
 /// The four bytes that start every KPL aggregated record.
@@ -340,14 +340,15 @@ pub fn deaggregate_each(
 ) -> impl Iterator<Item = Result<Deaggregated, DeaggError>> + '_ {
     /// Below this, a thread costs more than it saves.
     const PARALLEL_MIN_BYTES: usize = 64 * 1024;
-    let aggregate_bytes = || -> usize {
-        let parts = records.iter().filter_map(|data| checksum_parts(data));
-        parts.map(|(body, _)| body.len()).sum()
-    };
-    if verify_checksum && spare_core() && aggregate_bytes() >= PARALLEL_MIN_BYTES {
-        Deaggregating::with_helper(records)
+    if !verify_checksum {
+        return Deaggregating::alone(records, None);
+    }
+    // Found once: a batch of plain records is looked through once, not twice.
+    let parts = Aggregates::of(records);
+    if spare_core() && parts.body_bytes() >= PARALLEL_MIN_BYTES {
+        Deaggregating::with_helper(records, parts)
     } else {
-        Deaggregating::alone(records, verify_checksum)
+        Deaggregating::alone(records, Some(parts))
     }
 }
 

@@ -476,7 +476,9 @@ mod deaggregate_all_matches_one_by_one {
             assert_eq!(each, one_by_one);
             if verify {
                 // Whatever the batch's size and the machine's cores, the helper thread's way.
-                let shared: Vec<_> = each::Deaggregating::with_helper(records).collect();
+                let shared: Vec<_> =
+                    each::Deaggregating::with_helper(records, each::Aggregates::of(records))
+                        .collect();
                 assert_eq!(shared, one_by_one);
             }
         }
@@ -493,7 +495,7 @@ mod deaggregate_all_matches_one_by_one {
         #[test]
         fn left_at_any_point(kinds in prop::collection::vec((any::<u8>(), 0usize..200, any::<u8>()), 0..12), taken in 0usize..12) {
             let records: Vec<Bytes> = kinds.iter().map(|&(k, n, s)| record(k, n, s)).collect();
-            let mut shared = each::Deaggregating::with_helper(&records);
+            let mut shared = each::Deaggregating::with_helper(&records, each::Aggregates::of(&records));
             for _ in 0..taken {
                 drop(shared.next());
             }
