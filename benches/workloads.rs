@@ -32,7 +32,7 @@ fn main() {
         let body = std::fs::read(&path).unwrap();
         let mut times = Vec::new();
         for run in 0..33 {
-            let copy = body.clone();
+            let copy = bytes::BytesMut::from(&body[..]);
             let start = Instant::now();
             let response = rt.block_on(processor.handle_body(copy, &context)).unwrap();
             std::hint::black_box(serde_json::to_vec(&response).unwrap());

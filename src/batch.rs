@@ -18,7 +18,7 @@ use aws_lambda_events::event::streams::KinesisEventResponse;
 use futures::{FutureExt, StreamExt};
 
 use crate::event::EventRecord;
-use crate::kpl::{DeaggError, Deaggregated, UserRecord, deaggregate_each, deaggregate_with};
+use crate::kpl::{DeaggError, Deaggregated, UserRecord, Verifier, deaggregate_with};
 use crate::metrics::Metrics;
 use crate::settings::Settings;
 use crate::transform::{KinesisRecordInfo, RecordContext, Transform};
@@ -338,6 +338,17 @@ pub async fn process<T: Transform>(
     settings: &Settings,
     deadline: Option<Instant>,
 ) -> BatchOutcome {
+    process_verified(records, Verifier::default(), transform, settings, deadline).await
+}
+
+/// [`process`], with the checks `verifier` has under way (see [`Verifier`]).
+pub(crate) async fn process_verified<T: Transform>(
+    records: &[EventRecord],
+    verifier: Verifier,
+    transform: &T,
+    settings: &Settings,
+    deadline: Option<Instant>,
+) -> BatchOutcome {
     let mut stats = BatchStats {
         kinesis_records: records.len() as u64,
         ..Default::default()
@@ -353,7 +364,7 @@ pub async fn process<T: Transform>(
         .collect();
     // Each aggregate is split when its turn comes, or ahead of it while a second core computes
     // its MD5 (the concurrent mode then gathers all user records into its lanes).
-    let deaggregated = deaggregate_each(&data, settings.verify_checksum);
+    let deaggregated = verifier.deaggregate_each(&data, settings.verify_checksum);
     let mut unpacked =
         records
             .iter()

@@ -16,6 +16,7 @@ use tracing::Instrument;
 
 use crate::batch::{self, BatchOutcome};
 use crate::event::{EventError, KinesisEvent};
+use crate::kpl::Verifier;
 use crate::metrics::{self, Dimensions};
 use crate::settings::Settings;
 use crate::settings::Switch;
@@ -102,6 +103,17 @@ impl<T: Transform> Processor<T> {
     /// assert_eq!(outcome.stats.succeeded, 1);
     /// ```
     pub async fn handle(&self, event: &KinesisEvent, deadline: Option<Instant>) -> BatchOutcome {
+        self.handle_verified(event, Verifier::default(), deadline)
+            .await
+    }
+
+    /// [`Processor::handle`], with the checks `verifier` has under way.
+    async fn handle_verified(
+        &self,
+        event: &KinesisEvent,
+        verifier: Verifier,
+        deadline: Option<Instant>,
+    ) -> BatchOutcome {
         let Inner {
             transform,
             settings,
@@ -111,9 +123,10 @@ impl<T: Transform> Processor<T> {
         let dims = dimensions(function_name, event);
         let span =
             tracing::info_span!("batch", shard_id = %dims.shard_id, stream = %dims.stream_name);
-        let outcome = batch::process(&event.records, transform, settings, deadline)
-            .instrument(span)
-            .await;
+        let outcome =
+            batch::process_verified(&event.records, verifier, transform, settings, deadline)
+                .instrument(span)
+                .await;
         if settings.metrics == Switch::On {
             let doc = metrics::document(
                 &settings.metrics_namespace,
@@ -150,19 +163,25 @@ impl<T: Transform> Processor<T> {
     /// let body = br#"{"Records":[{"kinesis":{"sequenceNumber":"7","data":"bm90IGpzb24="}}]}"#;
     /// let context = lambda_runtime::Context::default();
     /// let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-    /// let response = rt.block_on(processor.handle_body(body.to_vec(), &context)).unwrap();
+    /// let response = rt.block_on(processor.handle_body(&body[..], &context)).unwrap();
     /// assert_eq!(response.batch_item_failures[0].item_identifier.as_deref(), Some("7"));
     /// ```
-    pub async fn handle_body<B>(
+    pub async fn handle_body(
         &self,
-        body: B,
+        body: impl Into<bytes::BytesMut>,
         context: &lambda_runtime::Context,
-    ) -> Result<KinesisEventResponse, EventError>
-    where
-        B: AsRef<[u8]> + AsMut<[u8]> + Into<bytes::Bytes>,
-    {
-        let event = KinesisEvent::from_owned(body)?;
-        Ok(self.handle(&event, deadline(context)).await.response())
+    ) -> Result<KinesisEventResponse, EventError> {
+        // The aggregates' MD5s are checked on a second core while the rest of the body is
+        // read, when there is one.
+        let mut verifier = Verifier::default();
+        let verify = self.inner.settings.verify_checksum;
+        let event = KinesisEvent::from_owned_each(body, |data| {
+            if verify {
+                verifier.push(data);
+            }
+        })?;
+        let outcome = self.handle_verified(&event, verifier, deadline(context));
+        Ok(outcome.await.response())
     }
 }
 

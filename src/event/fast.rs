@@ -42,10 +42,12 @@ const MAX_DEPTH: usize = 100;
 /// Each record's `data` text is handed to `text` (with the record's index and where the text
 /// stands) as soon as the record is read, before the next one is: the text was just scanned,
 /// so it is still in the cache, and `text` may decode it in place, since the scan never looks
-/// back. (Read first and decoded after, each text came from memory twice.)
+/// back. (Read first and decoded after, each text came from memory twice.) For the same
+/// reason `text` may cut off the front of `json` up to the end of the text: it says how many
+/// bytes it cut (0 to cut nothing), and every place after that is counted from the new front.
 pub(super) fn read<J: AsRef<[u8]> + ?Sized>(
     json: &mut J,
-    mut text: impl FnMut(&mut J, usize, Range<usize>),
+    mut text: impl FnMut(&mut J, usize, Range<usize>) -> usize,
 ) -> Option<Vec<EventRecord>> {
     let mut records = None;
     let mut scan = Scanner::new(json.as_ref(), 0);
@@ -76,12 +78,13 @@ pub(super) fn read<J: AsRef<[u8]> + ?Sized>(
     records
 }
 
-/// The `Records` array at `pos`, read as the serde path reads it, and where it ends. Each
+/// The `Records` array at `pos`, read as the serde path reads it, and where it ends (from the
+/// front `json` then has: see [`read`] on cutting it). Each
 /// record is read by a scanner of its own, so that `text` may change what is behind it.
 fn read_records<J: AsRef<[u8]> + ?Sized>(
     json: &mut J,
     pos: usize,
-    text: &mut impl FnMut(&mut J, usize, Range<usize>),
+    text: &mut impl FnMut(&mut J, usize, Range<usize>) -> usize,
 ) -> Option<(Vec<EventRecord>, usize)> {
     let mut records = Vec::new();
     let mut repeated = Repeated::default();
@@ -106,10 +109,10 @@ fn read_records<J: AsRef<[u8]> + ?Sized>(
             Some(Text(Cow::Owned(_))) => return None,
             None => None,
         };
-        let pos = scan.pos;
+        let mut pos = scan.pos;
         records.push(record);
         if let Some(at) = at {
-            text(json, records.len() - 1, at);
+            pos -= text(json, records.len() - 1, at);
         }
         scan = Scanner::new(json.as_ref(), pos);
         if scan.eat(b',').is_none() {
@@ -413,7 +416,7 @@ mod tests {
         // `Deserialize` is the serde path alone.
         let slow = serde_json::from_slice::<KinesisEvent>(json).ok();
         prop_assert_eq!(&KinesisEvent::from_slice(json).ok(), &slow);
-        prop_assert_eq!(&KinesisEvent::from_owned(json.to_vec()).ok(), &slow);
+        prop_assert_eq!(&KinesisEvent::from_owned(json).ok(), &slow);
         Ok(())
     }
 
@@ -604,7 +607,10 @@ mod tests {
     /// The fast path on an event alone: its records, and how many `data` texts it found.
     fn read_alone(json: &[u8]) -> Option<(Vec<EventRecord>, usize)> {
         let mut texts = 0;
-        let records = read(&mut &json[..], |_, _, _| texts += 1)?;
+        let records = read(&mut &json[..], |_, _, _| {
+            texts += 1;
+            0
+        })?;
         Some((records, texts))
     }
 
@@ -697,7 +703,7 @@ mod tests {
         records.push(r#"{"kinesis":{"sequenceNumber":"13","data":"ok"}}"#.into());
         let json = format!(r#"{{"Records":[{}]}}"#, records.join(","));
         agrees(json.as_bytes()).unwrap();
-        let event = KinesisEvent::from_owned(json.clone().into_bytes()).unwrap();
+        let event = KinesisEvent::from_owned(json.as_bytes()).unwrap();
         assert_eq!(event.records[3].data.as_ref().unwrap().len(), 200_000);
         assert_eq!(&event.records[7].data.as_ref().unwrap()[..], b"hi");
         let refused = event.records[9].data.as_ref().err().map(|e| &e.raw[..]);
@@ -708,7 +714,7 @@ mod tests {
         // it came, all decoded texts put back, and says what it says of that body.
         let bad = json.replacen(r#""data":"ok""#, "\"data\":\"o\u{1}k\"", 1);
         let serde = serde_json::from_str::<KinesisEvent>(&bad).unwrap_err();
-        let ours = KinesisEvent::from_owned(bad.into_bytes()).unwrap_err();
+        let ours = KinesisEvent::from_owned(bad.as_bytes()).unwrap_err();
         assert_eq!(ours.to_string(), format!("not a Kinesis event: {serde}"));
 
         // The fast path gives up after the big texts were decoded (an escape in the last
@@ -718,8 +724,50 @@ mod tests {
         agrees(escaped.as_bytes()).unwrap();
         let trailing = format!("{json} x");
         let serde = serde_json::from_str::<KinesisEvent>(&trailing).unwrap_err();
-        let ours = KinesisEvent::from_owned(trailing.into_bytes()).unwrap_err();
+        let ours = KinesisEvent::from_owned(trailing.as_bytes()).unwrap_err();
         assert_eq!(ours.to_string(), format!("not a Kinesis event: {serde}"));
+    }
+
+    /// `from_owned_each` hands over the data of 16 KiB or more, in order, as soon as each is
+    /// read: the very buffers the event's records then hold. If the fast path gives up later,
+    /// the event is serde's, in other buffers.
+    #[test]
+    fn big_data_is_handed_over_early() {
+        use crate::event::EARLY_MIN;
+        let sizes = [EARLY_MIN, 5, 200_000, EARLY_MIN - 1, 0, 90_000];
+        let records: Vec<String> = sizes
+            .iter()
+            .enumerate()
+            .map(|(i, &n)| lambda_record(i, n))
+            .collect();
+        let json = format!(r#"{{"Records":[{}]}}"#, records.join(","));
+        let mut early = Vec::new();
+        let event = KinesisEvent::from_owned_each(json.as_bytes(), |d| early.push(d.clone()));
+        let event = event.unwrap();
+        assert_eq!(
+            Some(&event),
+            serde_json::from_str::<KinesisEvent>(&json).ok().as_ref()
+        );
+        let data = event.records.iter().map(|r| r.data.as_ref().unwrap());
+        let big: Vec<&bytes::Bytes> = data.filter(|d| d.len() >= EARLY_MIN).collect();
+        assert_eq!(big.len(), 3);
+        assert_eq!(early.len(), 3);
+        for (early, data) in early.iter().zip(big) {
+            assert_eq!((early.as_ptr(), early.len()), (data.as_ptr(), data.len()));
+        }
+
+        let escaped = json.replacen(r#""partitionKey":"pk5""#, r#""partitionKey":"pk\u0035""#, 1);
+        let mut early = Vec::new();
+        let event = KinesisEvent::from_owned_each(escaped.as_bytes(), |d| early.push(d.clone()));
+        let event = event.unwrap();
+        assert_eq!(
+            Some(&event),
+            serde_json::from_str::<KinesisEvent>(&escaped).ok().as_ref()
+        );
+        assert_eq!(early.len(), 2, "those before the escape");
+        for data in event.records.iter().map(|r| r.data.as_ref().unwrap()) {
+            assert!(early.iter().all(|e| e.as_ptr() != data.as_ptr()));
+        }
     }
 
     #[test]
@@ -746,7 +794,7 @@ mod tests {
         // Not base64, but a JSON string: the record's problem, read on the fast path.
         let json = br#"{"Records":[{"kinesis":{"sequenceNumber":"1","data":"!!"}}]}"#;
         assert!(read_alone(json).is_some());
-        let bad = &KinesisEvent::from_owned(json.to_vec()).unwrap().records[0];
+        let bad = &KinesisEvent::from_owned(&json[..]).unwrap().records[0];
         assert_eq!(bad.data.as_ref().unwrap_err().raw, "!!");
     }
 }

@@ -14,10 +14,11 @@
 //! `PartitionKey`, `SequenceNumber`), so the command line can inspect a live stream.
 
 use std::borrow::Cow;
+use std::ops::Range;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use serde::de::value::MapAccessDeserializer;
 use serde::de::{Error as _, IgnoredAny, MapAccess, SeqAccess, Visitor};
 use serde::{Deserialize, Deserializer};
@@ -95,7 +96,11 @@ impl KinesisEvent {
     pub fn from_slice(json: &[u8]) -> Result<Self, EventError> {
         // The fast path answers for the events Lambda sends; serde decides everything else.
         let mut texts = Vec::new();
-        if let Some(mut records) = fast::read(&mut &json[..], |_, i, at| texts.push((i, at))) {
+        let found = fast::read(&mut &json[..], |_, i, at| {
+            texts.push((i, at));
+            0
+        });
+        if let Some(mut records) = found {
             let texts = texts.into_iter().map(|(i, at)| (i, &json[at]));
             decode::into_one_buffer(&mut records, texts);
             if fast::refused_texts_are_json(&records) {
@@ -105,10 +110,14 @@ impl KinesisEvent {
         Ok(serde_json::from_slice(json)?)
     }
 
-    /// [`KinesisEvent::from_slice`] on a body the caller gives away (a `Vec<u8>` or a
-    /// `BytesMut`): each record's data is decoded where its base64 text stood, so the event
-    /// takes no memory beyond the body, which the records share. What [`run`](crate::run)
-    /// does with each invocation.
+    /// [`KinesisEvent::from_slice`] on a body the caller gives away: each record's data is
+    /// decoded where its base64 text stood, so the event takes no memory beyond the body,
+    /// which the records share. What [`run`](crate::run) does with each invocation.
+    ///
+    /// The body is a `BytesMut`, as the runtime reads it (`BytesMut` so that its front can be
+    /// handed over while the rest is read, see `from_owned_each`). A `Bytes` that is the only
+    /// handle on its buffer (as one made from a `Vec<u8>`) becomes one without a copy;
+    /// anything else, a `&[u8]` say, is copied.
     ///
     /// # Errors
     ///
@@ -119,44 +128,150 @@ impl KinesisEvent {
     /// ```
     /// use kinesis_deagg::event::KinesisEvent;
     /// let body = br#"{"Records":[{"kinesis":{"sequenceNumber":"1","data":"aGk="}}]}"#.to_vec();
-    /// let event = KinesisEvent::from_owned(body).unwrap();
+    /// let event = KinesisEvent::from_owned(bytes::Bytes::from(body)).unwrap();
     /// assert_eq!(&event.records[0].decode_data().unwrap()[..], b"hi");
     /// ```
-    pub fn from_owned<B>(mut body: B) -> Result<Self, EventError>
-    where
-        B: AsRef<[u8]> + AsMut<[u8]> + Into<Bytes>,
-    {
-        // Each text is decoded as soon as the fast path has read its record (`None` if
-        // refused: it is still whole, to be explained).
+    pub fn from_owned(body: impl Into<BytesMut>) -> Result<Self, EventError> {
+        Self::from_owned_each(body, |_| {})
+    }
+
+    /// [`KinesisEvent::from_owned`] that also hands `early` the data of every record of
+    /// [`EARLY_MIN`] bytes or more as soon as the record is read, while the rest of the body
+    /// is still being read: so a second core can start on it (the runtime checks aggregates'
+    /// MD5s that way). Each is the very buffer the event's record then holds, unless the fast
+    /// path gives up later in the body: serde then reads it afresh, into other buffers.
+    ///
+    /// To hand data over while the body is still being written further on, the front of the
+    /// body up to the record's text is cut off and frozen (`BytesMut::split_to`, no copy).
+    pub(crate) fn from_owned_each(
+        body: impl Into<BytesMut>,
+        mut early: impl FnMut(&Bytes),
+    ) -> Result<Self, EventError> {
+        let mut body = Cut {
+            rest: body.into(),
+            fronts: Vec::new(),
+        };
+        // By record: where its text stood and, unless refused (then it is still whole, to be
+        // explained), where its bytes are now; both from the start of the body.
         let mut texts = Vec::new();
-        let read = fast::read(body.as_mut(), |json, i, at| {
-            let span = decode::in_place(json, at.clone());
-            texts.push((i, at, span));
-        });
-        if let Some(mut records) = read {
-            let json = body.as_ref();
-            let refused = texts.iter().filter(|(_, _, span)| span.is_none());
-            let refused = refused.map(|(i, at, _)| (*i, &json[at.clone()]));
-            decode::into_one_buffer(&mut records, refused);
-            if fast::refused_texts_are_json(&records) {
-                let body: Bytes = body.into();
-                for (i, _, span) in texts {
-                    if let Some(span) = span {
-                        records[i].data = Ok(body.slice(span));
-                    }
+        let read = fast::read(&mut body, |body, i, at| {
+            let span = decode::in_place(&mut body.rest, at.clone());
+            texts.push((i, body.at(at.clone()), span.clone().map(|s| body.at(s))));
+            match span {
+                Some(span) if span.len() >= EARLY_MIN => {
+                    early(&body.cut_to(at.end).slice(span));
+                    at.end
                 }
-                return Ok(KinesisEvent { records });
+                _ => 0,
             }
-        }
+        });
+        let mut json = match read {
+            Some(mut records) => {
+                let body = body.freeze();
+                let refused = texts.iter().filter(|(_, _, span)| span.is_none());
+                let refused = refused.map(|(i, at, _)| (*i, body.slice(at.clone())));
+                let refused: Vec<_> = refused.collect();
+                decode::into_one_buffer(&mut records, refused.iter().map(|(i, t)| (*i, &t[..])));
+                if fast::refused_texts_are_json(&records) {
+                    for (i, _, span) in texts {
+                        if let Some(span) = span {
+                            records[i].data = Ok(body.slice(span));
+                        }
+                    }
+                    return Ok(KinesisEvent { records });
+                }
+                body.whole()
+            }
+            None => body.whole(),
+        };
         // Serde reads the body as it came (rare: the fast path gave up, or a refused text is
         // not even a JSON string).
-        let json = body.as_mut();
         for (_, at, span) in texts {
             if let Some(span) = span {
-                decode::put_back(json, at, span.end);
+                decode::put_back(&mut json, at, span.end);
             }
         }
-        Ok(serde_json::from_slice(body.as_ref())?)
+        Ok(serde_json::from_slice(&json)?)
+    }
+}
+
+/// A record's data this long or longer is handed over early by
+/// [`KinesisEvent::from_owned_each`]: worth a head start on another core (a KPL aggregate is
+/// up to 1 MiB, 50 KB by default), and rare enough that the cut costs nothing.
+pub(crate) const EARLY_MIN: usize = 16 * 1024;
+
+/// A body being read, its front cut off in pieces (for [`fast::read`], which sees only the
+/// rest): places are counted from the start of the whole body.
+struct Cut {
+    rest: BytesMut,
+    /// The pieces cut off, in order, with where each starts.
+    fronts: Vec<(usize, Bytes)>,
+}
+
+impl Cut {
+    /// How much was cut off.
+    fn cut(&self) -> usize {
+        self.fronts
+            .last()
+            .map_or(0, |(start, front)| start + front.len())
+    }
+
+    /// `range` of the rest, from the start of the body.
+    fn at(&self, range: Range<usize>) -> Range<usize> {
+        let cut = self.cut();
+        range.start + cut..range.end + cut
+    }
+
+    /// Cuts the rest's first `len` bytes off and gives them.
+    fn cut_to(&mut self, len: usize) -> &Bytes {
+        let start = self.cut();
+        let front = self.rest.split_to(len).freeze();
+        self.fronts.push((start, front));
+        &self.fronts.last().expect("just pushed").1
+    }
+
+    /// Every piece, the rest last.
+    fn freeze(self) -> Pieces {
+        let start = self.cut();
+        let mut pieces = self.fronts;
+        pieces.push((start, self.rest.freeze()));
+        Pieces(pieces)
+    }
+
+    /// The whole body, in one piece again (copied only if it was cut).
+    fn whole(self) -> BytesMut {
+        if self.fronts.is_empty() {
+            self.rest
+        } else {
+            self.freeze().whole()
+        }
+    }
+}
+
+impl AsRef<[u8]> for Cut {
+    fn as_ref(&self) -> &[u8] {
+        &self.rest
+    }
+}
+
+/// A body cut in pieces, each with where it starts.
+struct Pieces(Vec<(usize, Bytes)>);
+
+impl Pieces {
+    /// `range` of the body (never across a cut: each cut ends a text), without a copy.
+    fn slice(&self, range: Range<usize>) -> Bytes {
+        let piece = self.0.partition_point(|(start, _)| *start <= range.start) - 1;
+        let (start, bytes) = &self.0[piece];
+        bytes.slice(range.start - start..range.end - start)
+    }
+
+    /// The body in one piece again: a copy.
+    fn whole(self) -> BytesMut {
+        let mut whole = BytesMut::with_capacity(self.0.iter().map(|(_, b)| b.len()).sum());
+        for (_, piece) in self.0 {
+            whole.extend_from_slice(&piece);
+        }
+        whole
     }
 }
 

@@ -13,6 +13,10 @@
 //!
 //! A verdict, in the terms of `finish`: `Some(true)` the MD5 trailer matches, `Some(false)` it
 //! does not, `None` the record is not shaped like an aggregate (or is not checked).
+//!
+//! The helper can start before the batch is even read: a [`Verifier`] takes each aggregate as
+//! the event's reader decodes it, and the helper hashes it while the rest of the event is
+//! read. The batch is then matched to what was pushed, buffer by buffer.
 
 use std::ops::Range;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -21,7 +25,7 @@ use std::thread::JoinHandle;
 
 use bytes::Bytes;
 
-use super::md5_many::{Order, md5_each};
+use super::md5_many::{Next, md5_each, md5_stream};
 use super::{DeaggError, Deaggregated, checksum_parts, finish};
 
 type Outcome = Result<Deaggregated, DeaggError>;
@@ -32,13 +36,17 @@ pub(super) struct Deaggregating<'a> {
     next: usize,
     /// By record; `None` while the helper computes it.
     verdicts: Vec<Option<Option<bool>>>,
+    /// By digest the helper sends (in the order it was asked): which record it is about, if
+    /// any (an aggregate pushed early that is not in the batch has none).
+    record_of: Vec<Option<usize>>,
     /// By record (with a helper): its split, made ahead, the verdict not yet applied.
     split: Vec<Option<Outcome>>,
     helper: Option<Helper>,
 }
 
-/// The second thread, and what it sends.
+/// The second thread: what it is sent, and what it sends.
 struct Helper {
+    inputs: mpsc::Sender<Input>,
     messages: mpsc::Receiver<Message>,
     shared: Arc<Shared>,
     thread: Option<JoinHandle<()>>,
@@ -51,9 +59,16 @@ struct Shared {
     stop: AtomicBool,
 }
 
+enum Input {
+    /// An aggregate's protobuf bytes, to hash: the next digest's subject.
+    Hash(Bytes),
+    /// The batch, the last input: the helper splits from its back once every check is sent.
+    Split(Vec<Bytes>),
+}
+
 enum Message {
-    /// A record's checksum matches, or not.
-    Verdict(usize, bool),
+    /// The MD5 of the n-th aggregate the helper was sent.
+    Digest(usize, [u8; 16]),
     /// A record split by the helper, its verdict not applied.
     Split(usize, Outcome),
 }
@@ -73,7 +88,7 @@ impl<'a> Deaggregating<'a> {
             for &i in &shaped {
                 verdicts[i] = Some(false);
             }
-            md5_each(&bodies, Order::LongestFirst, &mut |k, digest| {
+            md5_each(&bodies, &mut |k, digest| {
                 verdicts[shaped[k]] = Some(digest[..] == *trailers[k]);
                 true
             });
@@ -82,60 +97,50 @@ impl<'a> Deaggregating<'a> {
             records,
             next: 0,
             verdicts: verdicts.into_iter().map(Some).collect(),
+            record_of: Vec::new(),
             split: Vec::new(),
             helper: None,
         }
     }
 
     /// The checksums of `parts` (the records' [`Aggregates`]) verified and the work shared
-    /// with a helper thread (or done [`alone`](Self::alone) if no thread can be made: a
-    /// process limit only costs the parallelism).
-    pub(super) fn with_helper(records: &'a [Bytes], parts: Aggregates<'a>) -> Self {
-        let shaped = parts.shaped;
+    /// with `helper`, which was sent `pushed` (in order) before the batch was read.
+    fn with_helper(
+        records: &'a [Bytes],
+        parts: Aggregates<'a>,
+        helper: Helper,
+        pushed: &[Bytes],
+    ) -> Self {
         let mut verdicts = vec![Some(None); records.len()];
-        for &i in &shaped {
+        let mut record_of = vec![None; pushed.len()];
+        let mut matched = 0;
+        for (k, &i) in parts.shaped.iter().enumerate() {
             verdicts[i] = None;
-        }
-        let shared = Arc::new(Shared {
-            unclaimed: Mutex::new(0..records.len()),
-            stop: AtomicBool::new(false),
-        });
-        let (send, messages) = mpsc::channel();
-        // The helper owns its records (sharing their buffers).
-        let owned = records.to_vec();
-        let its = shared.clone();
-        let work = move || {
-            let Aggregates {
-                bodies, trailers, ..
-            } = Aggregates::of(&owned);
-            md5_each(&bodies, Order::AsGiven, &mut |k, digest| {
-                let matches = digest[..] == *trailers[k];
-                send.send(Message::Verdict(shaped[k], matches)).is_ok() && !its.stopped()
-            });
-            while !its.stopped()
-                && let Some(k) = its.claim_back()
+            // Both buffers are alive, so the same place and length are the same bytes.
+            let data = &records[i];
+            if pushed
+                .get(matched)
+                .is_some_and(|p| p.as_ptr() == data.as_ptr() && p.len() == data.len())
             {
-                let split = finish(owned[k].clone(), None);
-                if send.send(Message::Split(k, split)).is_err() {
-                    return;
-                }
+                record_of[matched] = Some(i);
+                matched += 1;
+            } else {
+                record_of.push(Some(i));
+                helper.send(Input::Hash(data.slice_ref(parts.bodies[k])));
             }
-        };
-        match std::thread::Builder::new().spawn(work) {
-            Ok(thread) => Deaggregating {
-                records,
-                next: 0,
-                verdicts,
-                split: std::iter::repeat_with(|| None)
-                    .take(records.len())
-                    .collect(),
-                helper: Some(Helper {
-                    messages,
-                    shared,
-                    thread: Some(thread),
-                }),
-            },
-            Err(_) => Self::alone(records, Some(Aggregates::of(records))),
+        }
+        *helper.shared.claims() = 0..records.len();
+        // The helper owns its records (sharing their buffers).
+        helper.send(Input::Split(records.to_vec()));
+        Deaggregating {
+            records,
+            next: 0,
+            verdicts,
+            record_of,
+            split: std::iter::repeat_with(|| None)
+                .take(records.len())
+                .collect(),
+            helper: Some(helper),
         }
     }
 
@@ -151,7 +156,12 @@ impl<'a> Deaggregating<'a> {
         };
         for message in first.into_iter().chain(helper.messages.try_iter()) {
             match message {
-                Message::Verdict(i, matches) => self.verdicts[i] = Some(Some(matches)),
+                Message::Digest(n, digest) => {
+                    if let Some(&Some(i)) = self.record_of.get(n) {
+                        let trailer = checksum_parts(&self.records[i]).map(|(_, t)| t);
+                        self.verdicts[i] = Some(Some(trailer == Some(&digest[..])));
+                    }
+                }
                 Message::Split(i, split) => self.split[i] = Some(split),
             }
         }
@@ -222,6 +232,76 @@ impl Iterator for Deaggregating<'_> {
     }
 }
 
+impl Helper {
+    /// `None` if no thread can be made: a process limit only costs the parallelism.
+    fn spawn() -> Option<Self> {
+        let shared = Arc::new(Shared {
+            unclaimed: Mutex::new(0..0),
+            stop: AtomicBool::new(false),
+        });
+        let (inputs, their_inputs) = mpsc::channel();
+        let (their_messages, messages) = mpsc::channel();
+        let theirs = shared.clone();
+        let thread = std::thread::Builder::new()
+            .spawn(move || work(&their_inputs, &their_messages, &theirs))
+            .ok()?;
+        Some(Helper {
+            inputs,
+            messages,
+            shared,
+            thread: Some(thread),
+        })
+    }
+
+    /// If the helper has ended, what it was sent is not needed: its end is found by
+    /// [`Deaggregating::receive`].
+    fn send(&self, input: Input) {
+        let _ = self.inputs.send(input);
+    }
+}
+
+/// The helper's work: hash each aggregate it is sent, sending each digest as soon as it is
+/// known (those that come while others are hashed join them), until the batch comes; then
+/// split from the batch's back. Ends early when told to stop, or when nothing more will come.
+fn work(inputs: &mpsc::Receiver<Input>, send: &mpsc::Sender<Message>, shared: &Shared) {
+    let (mut sent, mut batch) = (0, None);
+    let mut next = |wait| {
+        let input = match wait {
+            _ if batch.is_some() => return Next::End,
+            true => inputs.recv().ok(),
+            false => match inputs.try_recv() {
+                Err(mpsc::TryRecvError::Empty) => return Next::NotYet,
+                input => input.ok(),
+            },
+        };
+        match input {
+            Some(Input::Hash(body)) => {
+                sent += 1;
+                Next::Message(sent - 1, body)
+            }
+            Some(Input::Split(records)) => {
+                batch = Some(records);
+                Next::End
+            }
+            None => Next::End,
+        }
+    };
+    md5_stream(&mut next, &mut |n, digest| {
+        send.send(Message::Digest(n, digest)).is_ok() && !shared.stopped()
+    });
+    let Some(records) = batch else {
+        return;
+    };
+    while !shared.stopped()
+        && let Some(k) = shared.claim_back()
+    {
+        let split = finish(records[k].clone(), None);
+        if send.send(Message::Split(k, split)).is_err() {
+            return;
+        }
+    }
+}
+
 impl Shared {
     fn claims(&self) -> std::sync::MutexGuard<'_, Range<usize>> {
         // The claims stay consistent whatever panicked while they were held.
@@ -245,11 +325,100 @@ impl Drop for Helper {
     /// event).
     fn drop(&mut self) {
         self.shared.stop.store(true, Ordering::Relaxed);
+        // Closes its inputs, should it be waiting for more.
+        self.inputs = mpsc::channel().0;
         if let Some(thread) = self.thread.take() {
             // A panic there was already raised by `receive`, or concerns work no one needs.
             let _ = thread.join();
         }
     }
+}
+
+/// The checks of a batch's MD5 trailers, started while the batch is still being read.
+///
+/// Each aggregate [`push`](Verifier::push)ed is hashed on a helper thread as soon as it
+/// comes, once they add up to 64 KiB on a machine with a second core (below that, or on one
+/// core, nothing starts and the checks are made as [`deaggregate_each`](super::deaggregate_each)
+/// makes them). [`Verifier::deaggregate_each`] then takes the verdict of each record that is
+/// the very buffer pushed, and has the others checked as before.
+#[derive(Default)]
+pub(crate) struct Verifier {
+    /// The aggregates pushed, in order.
+    pushed: Vec<Bytes>,
+    /// The bytes they hash.
+    bytes: usize,
+    /// Started, and sent every aggregate pushed.
+    helper: Option<Helper>,
+}
+
+/// Below this, a thread costs more than it saves.
+const PARALLEL_MIN_BYTES: usize = 64 * 1024;
+
+impl Verifier {
+    /// Takes `data` to check if it is shaped like an aggregate.
+    pub(crate) fn push(&mut self, data: &Bytes) {
+        let Some(body) = body_of(data) else {
+            return;
+        };
+        self.bytes += body.len();
+        self.pushed.push(data.clone());
+        if let Some(helper) = &self.helper {
+            helper.send(Input::Hash(body));
+        } else if self.bytes >= PARALLEL_MIN_BYTES && spare_core() {
+            self.helper = Helper::spawn();
+            if let Some(helper) = &self.helper {
+                for body in self.pushed.iter().filter_map(body_of) {
+                    helper.send(Input::Hash(body));
+                }
+            }
+        }
+    }
+
+    /// [`deaggregate_each`](super::deaggregate_each) on `records`, with the checks already
+    /// made or under way for the buffers pushed.
+    pub(crate) fn deaggregate_each(
+        self,
+        records: &[Bytes],
+        verify_checksum: bool,
+    ) -> impl Iterator<Item = Outcome> + '_ {
+        if !verify_checksum {
+            return Deaggregating::alone(records, None);
+        }
+        // Found once: a batch of plain records is looked through once, not twice.
+        let parts = Aggregates::of(records);
+        let (helper, pushed) = match self.helper {
+            Some(helper) => (Some(helper), self.pushed),
+            None if spare_core() && parts.body_bytes() >= PARALLEL_MIN_BYTES => {
+                (Helper::spawn(), Vec::new())
+            }
+            None => (None, Vec::new()),
+        };
+        match helper {
+            Some(helper) => Deaggregating::with_helper(records, parts, helper, &pushed),
+            None => Deaggregating::alone(records, Some(parts)),
+        }
+    }
+
+    /// A verifier whose helper runs whatever the batch's size and the machine's cores.
+    #[cfg(test)]
+    pub(super) fn started() -> Self {
+        Verifier {
+            helper: Helper::spawn(),
+            ..Verifier::default()
+        }
+    }
+}
+
+/// The protobuf bytes of data shaped like an aggregate, sharing its buffer.
+fn body_of(data: &Bytes) -> Option<Bytes> {
+    checksum_parts(data).map(|(body, _)| data.slice_ref(body))
+}
+
+/// True when this process may run on more than one core (cached: the answer does not change
+/// while a Lambda execution environment lives).
+fn spare_core() -> bool {
+    static SPARE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *SPARE.get_or_init(|| std::thread::available_parallelism().is_ok_and(|n| n.get() > 1))
 }
 
 /// The records of a batch shaped like aggregates.

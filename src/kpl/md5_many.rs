@@ -30,40 +30,67 @@ use md5::{Digest, Md5};
 /// ```
 pub fn md5_many(messages: &[&[u8]]) -> Vec<[u8; 16]> {
     let mut digests = vec![[0u8; 16]; messages.len()];
-    md5_each(messages, Order::LongestFirst, &mut |i, digest| {
+    md5_each(messages, &mut |i, digest| {
         digests[i] = digest;
         true
     });
     digests
 }
 
-/// In which order [`md5_each`] starts the messages.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum Order {
-    /// Longest first, so that the lanes drain together: the soonest end for all of them.
-    LongestFirst,
-    /// As given, so that the digests come out roughly in order: for a caller that uses each
-    /// one as soon as it comes.
-    AsGiven,
+/// The MD5 of each message, handed to `done(index, digest)` as soon as it is known, until
+/// `done` says `false`. The longest start first, so that the lanes drain together: the
+/// soonest end for all of them.
+pub(crate) fn md5_each(messages: &[&[u8]], done: &mut dyn FnMut(usize, [u8; 16]) -> bool) {
+    let mut sequence: Vec<usize> = (0..messages.len()).collect();
+    sequence.sort_by_key(|&i| std::cmp::Reverse(messages[i].len()));
+    let mut sequence = sequence.into_iter();
+    let mut next = |_| {
+        sequence
+            .next()
+            .map_or(Next::End, |i| Next::Message(i, messages[i]))
+    };
+    // One message goes faster through the scalar code than through a lane.
+    if messages.len() > 1 {
+        md5_stream(&mut next, done);
+    } else {
+        one_at_a_time(&mut next, done);
+    }
 }
 
-/// The MD5 of each message, handed to `done(index, digest)` as soon as it is known, until
-/// `done` says `false`.
-pub(crate) fn md5_each(
-    messages: &[&[u8]],
-    order: Order,
+/// What the source of [`md5_stream`] has.
+pub(crate) enum Next<M> {
+    /// A message, with the number `done` will name it by.
+    Message(usize, M),
+    /// Nothing yet (only when not asked to wait).
+    NotYet,
+    /// Nothing more.
+    End,
+}
+
+/// The MD5 of each message `next` gives, handed to `done(number, digest)` as soon as it is
+/// known, until `done` says `false`.
+///
+/// `next(wait)` is asked for a message whenever a lane is free (and every 64 blocks while
+/// one is), waiting for one only when every lane is free: so messages that come one by one
+/// (aggregates as an event is read) join those under way rather than waiting for them.
+pub(crate) fn md5_stream<M: AsRef<[u8]>>(
+    next: &mut dyn FnMut(bool) -> Next<M>,
     done: &mut dyn FnMut(usize, [u8; 16]) -> bool,
 ) {
-    let mut sequence: Vec<usize> = (0..messages.len()).collect();
-    if order == Order::LongestFirst {
-        sequence.sort_by_key(|&i| std::cmp::Reverse(messages[i].len()));
-    }
     #[cfg(target_arch = "x86_64")]
-    if messages.len() > 1 && x86::md5_each(messages, &sequence, done) {
+    if x86::md5_stream(next, done) {
         return;
     }
-    for i in sequence {
-        if !done(i, Md5::digest(messages[i]).into()) {
+    one_at_a_time(next, done);
+}
+
+/// [`md5_stream`] with the `md-5` crate, one message after another.
+fn one_at_a_time<M: AsRef<[u8]>>(
+    next: &mut dyn FnMut(bool) -> Next<M>,
+    done: &mut dyn FnMut(usize, [u8; 16]) -> bool,
+) {
+    while let Next::Message(number, message) = next(true) {
+        if !done(number, Md5::digest(message.as_ref()).into()) {
             return;
         }
     }
@@ -86,79 +113,97 @@ fn padding(message: &[u8]) -> ([u8; 128], usize) {
 }
 
 /// One message's progress through a lane: its full blocks in place, then its padded tail.
-struct Cursor<'a> {
-    message: usize,
-    body: &'a [u8],
-    tail: &'a [u8],
+struct Cursor<M> {
+    number: usize,
+    message: M,
+    /// The message's full blocks end here.
+    full: usize,
+    tail: [u8; 128],
+    /// The next block starts here: in the message, then (from `full` on) in the tail.
+    at: usize,
+    end: usize,
 }
 
-impl<'a> Cursor<'a> {
-    fn new(message: usize, data: &'a [u8], tail: &'a [u8]) -> Self {
+impl<M: AsRef<[u8]>> Cursor<M> {
+    fn new(number: usize, message: M) -> Self {
+        let bytes = message.as_ref();
+        let full = bytes.len() / 64 * 64;
+        let (tail, len) = padding(bytes);
         Cursor {
+            number,
             message,
-            body: &data[..data.len() / 64 * 64],
+            full,
             tail,
+            at: 0,
+            end: full + len,
         }
     }
 
     /// The next 64-byte block; only called while [`Cursor::done`] is false.
-    fn next_block(&mut self) -> &'a [u8] {
-        let source = if self.body.is_empty() {
-            &mut self.tail
-        } else {
-            &mut self.body
-        };
-        let (block, rest) = source.split_at(64);
-        *source = rest;
-        block
+    fn block(&self) -> &[u8] {
+        match self.at.checked_sub(self.full) {
+            None => &self.message.as_ref()[self.at..self.at + 64],
+            Some(t) => &self.tail[t..t + 64],
+        }
     }
 
     fn done(&self) -> bool {
-        self.body.is_empty() && self.tail.is_empty()
+        self.at == self.end
     }
 }
 
-/// Runs `messages` through 8 lanes of `kernel`, which compresses one block per lane into a
-/// transposed state (`state[word][lane]`), starting them in `sequence` and handing each
-/// digest to `done` when its message is through (see [`md5_each`]).
-fn lanes(
-    messages: &[&[u8]],
-    sequence: &[usize],
+/// Runs the messages of `next` through 8 lanes of `kernel`, which compresses one block per
+/// lane into a transposed state (`state[word][lane]`), handing each digest to `done` when its
+/// message is through (see [`md5_stream`]).
+fn lanes<M: AsRef<[u8]>>(
+    next: &mut dyn FnMut(bool) -> Next<M>,
     done: &mut dyn FnMut(usize, [u8; 16]) -> bool,
     kernel: impl Fn(&mut [[u32; 8]; 4], [&[u8]; 8]),
 ) {
     const IDLE: [u8; 64] = [0; 64];
-    let tails: Vec<([u8; 128], usize)> = messages.iter().map(|m| padding(m)).collect();
-    let mut waiting = sequence.iter().copied();
+    /// How often (in blocks) a free lane asks again for a message that has not come yet.
+    const ASK_EVERY: usize = 64;
     let mut state = [[0u32; 8]; 4];
-    let mut lanes: [Option<Cursor>; 8] = Default::default();
-    loop {
-        for (lane, slot) in lanes.iter_mut().enumerate() {
-            if slot.is_none()
-                && let Some(m) = waiting.next()
-            {
-                let (tail, len) = &tails[m];
-                *slot = Some(Cursor::new(m, messages[m], &tail[..*len]));
-                for (word, init) in state.iter_mut().zip(INIT) {
-                    word[lane] = init;
+    let mut lanes: [Option<Cursor<M>>; 8] = Default::default();
+    let (mut ended, mut freed) = (false, true);
+    for round in 0usize.. {
+        if !ended && (freed || round.is_multiple_of(ASK_EVERY)) {
+            freed = false;
+            for lane in 0..lanes.len() {
+                if lanes[lane].is_some() {
+                    continue;
+                }
+                match next(lanes.iter().all(Option::is_none)) {
+                    Next::Message(number, message) => {
+                        lanes[lane] = Some(Cursor::new(number, message));
+                        for (word, init) in state.iter_mut().zip(INIT) {
+                            word[lane] = init;
+                        }
+                    }
+                    Next::NotYet => break,
+                    Next::End => {
+                        ended = true;
+                        break;
+                    }
                 }
             }
         }
         if lanes.iter().all(Option::is_none) {
             return;
         }
-        let blocks = std::array::from_fn(|lane| match &mut lanes[lane] {
-            Some(cursor) => cursor.next_block(),
-            None => &IDLE[..],
-        });
+        let blocks =
+            std::array::from_fn(|lane| lanes[lane].as_ref().map_or(&IDLE[..], Cursor::block));
         kernel(&mut state, blocks);
         for (lane, slot) in lanes.iter_mut().enumerate() {
+            let Some(cursor) = slot else { continue };
+            cursor.at += 64;
             if let Some(cursor) = slot.take_if(|c| c.done()) {
+                freed = true;
                 let mut digest = [0u8; 16];
                 for (word, out) in digest.chunks_exact_mut(4).enumerate() {
                     out.copy_from_slice(&state[word][lane].to_le_bytes());
                 }
-                if !done(cursor.message, digest) {
+                if !done(cursor.number, digest) {
                     return;
                 }
             }
@@ -183,19 +228,18 @@ const K: [u32; 64] = [
 mod x86 {
     use std::arch::x86_64::*;
 
-    use super::{K, lanes};
+    use super::{K, Next, lanes};
 
-    /// [`super::md5_each`] with the fastest SIMD kernel this CPU has; `false` when it has none
-    /// (then nothing was done).
-    pub(super) fn md5_each(
-        messages: &[&[u8]],
-        sequence: &[usize],
+    /// [`super::md5_stream`] with the fastest SIMD kernel this CPU has; `false` when it has
+    /// none (then nothing was done).
+    pub(super) fn md5_stream<M: AsRef<[u8]>>(
+        next: &mut dyn FnMut(bool) -> Next<M>,
         done: &mut dyn FnMut(usize, [u8; 16]) -> bool,
     ) -> bool {
         if is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512vl") {
-            with_avx512(messages, sequence, done);
+            with_avx512(next, done);
         } else if is_x86_feature_detected!("avx2") {
-            with_avx2(messages, sequence, done);
+            with_avx2(next, done);
         } else {
             return false;
         }
@@ -203,27 +247,25 @@ mod x86 {
     }
 
     /// Panics unless the CPU has AVX-512F and AVX-512VL (callers check).
-    pub(super) fn with_avx512(
-        messages: &[&[u8]],
-        sequence: &[usize],
+    pub(super) fn with_avx512<M: AsRef<[u8]>>(
+        next: &mut dyn FnMut(bool) -> Next<M>,
         done: &mut dyn FnMut(usize, [u8; 16]) -> bool,
     ) {
         assert!(is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512vl"));
         // SAFETY: the features the kernel is compiled for are present (asserted above).
-        lanes(messages, sequence, done, |state, blocks| unsafe {
+        lanes(next, done, |state, blocks| unsafe {
             avx512::compress(state, blocks)
         })
     }
 
     /// Panics unless the CPU has AVX2 (callers check).
-    pub(super) fn with_avx2(
-        messages: &[&[u8]],
-        sequence: &[usize],
+    pub(super) fn with_avx2<M: AsRef<[u8]>>(
+        next: &mut dyn FnMut(bool) -> Next<M>,
         done: &mut dyn FnMut(usize, [u8; 16]) -> bool,
     ) {
         assert!(is_x86_feature_detected!("avx2"));
         // SAFETY: the features the kernel is compiled for are present (asserted above).
-        lanes(messages, sequence, done, |state, blocks| unsafe {
+        lanes(next, done, |state, blocks| unsafe {
             avx2::compress(state, blocks)
         })
     }
@@ -426,26 +468,43 @@ mod tests {
         got.into_iter().map(Option::unwrap).collect()
     }
 
-    /// `md5_many`, `md5_each` in both orders and every SIMD kernel this CPU has (in yet
+    /// The digests of `kernel` on `messages` given backwards, and coming late: a lane that
+    /// asks without waiting gets one only every third time, as aggregates come while an
+    /// event is read.
+    #[cfg(target_arch = "x86_64")]
+    fn coming_late<'a>(
+        messages: &[&'a [u8]],
+        kernel: impl Fn(&mut dyn FnMut(bool) -> Next<&'a [u8]>, &mut dyn FnMut(usize, [u8; 16]) -> bool),
+    ) -> Vec<[u8; 16]> {
+        let mut backwards = (0..messages.len()).rev();
+        let mut asked = 0;
+        let mut next = |wait: bool| {
+            asked += 1;
+            if !wait && asked % 3 != 0 {
+                return Next::NotYet;
+            }
+            backwards
+                .next()
+                .map_or(Next::End, |i| Next::Message(i, messages[i]))
+        };
+        collect(messages.len(), |done| kernel(&mut next, done))
+    }
+
+    /// `md5_many`, `md5_each` and every SIMD kernel this CPU has (in yet
     /// another order) give what `md-5` gives.
     fn check(messages: &[Vec<u8>]) {
         let refs: Vec<&[u8]> = messages.iter().map(Vec::as_slice).collect();
         let expected: Vec<[u8; 16]> = refs.iter().map(|m| Md5::digest(m).into()).collect();
         assert_eq!(md5_many(&refs), expected);
-        for order in [Order::LongestFirst, Order::AsGiven] {
-            let each = collect(refs.len(), |done| md5_each(&refs, order, done));
-            assert_eq!(each, expected);
-        }
+        let each = collect(refs.len(), |done| md5_each(&refs, done));
+        assert_eq!(each, expected);
         #[cfg(target_arch = "x86_64")]
         {
-            let backwards: Vec<usize> = (0..refs.len()).rev().collect();
             if is_x86_feature_detected!("avx2") {
-                let each = collect(refs.len(), |done| x86::with_avx2(&refs, &backwards, done));
-                assert_eq!(each, expected);
+                assert_eq!(coming_late(&refs, x86::with_avx2), expected);
             }
             if is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512vl") {
-                let each = collect(refs.len(), |done| x86::with_avx512(&refs, &backwards, done));
-                assert_eq!(each, expected);
+                assert_eq!(coming_late(&refs, x86::with_avx512), expected);
             }
         }
     }
@@ -454,14 +513,12 @@ mod tests {
     #[test]
     fn done_stops_it() {
         let messages: Vec<&[u8]> = vec![b"abc"; 20];
-        for order in [Order::LongestFirst, Order::AsGiven] {
-            let mut calls = 0;
-            md5_each(&messages, order, &mut |_, _| {
-                calls += 1;
-                calls < 3
-            });
-            assert_eq!(calls, 3);
-        }
+        let mut calls = 0;
+        md5_each(&messages, &mut |_, _| {
+            calls += 1;
+            calls < 3
+        });
+        assert_eq!(calls, 3);
     }
 
     #[test]

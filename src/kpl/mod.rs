@@ -23,7 +23,7 @@ use bytes::Bytes;
 use md5::{Digest, Md5};
 
 pub use aggregate::{AggregateError, AggregatedRecord, Aggregator};
-use each::{Aggregates, Deaggregating};
+pub(crate) use each::Verifier;
 pub use md5_many::md5_many;
 
 /// The four bytes that start every KPL aggregated record.
@@ -338,25 +338,7 @@ pub fn deaggregate_each(
     records: &[Bytes],
     verify_checksum: bool,
 ) -> impl Iterator<Item = Result<Deaggregated, DeaggError>> + '_ {
-    /// Below this, a thread costs more than it saves.
-    const PARALLEL_MIN_BYTES: usize = 64 * 1024;
-    if !verify_checksum {
-        return Deaggregating::alone(records, None);
-    }
-    // Found once: a batch of plain records is looked through once, not twice.
-    let parts = Aggregates::of(records);
-    if spare_core() && parts.body_bytes() >= PARALLEL_MIN_BYTES {
-        Deaggregating::with_helper(records, parts)
-    } else {
-        Deaggregating::alone(records, Some(parts))
-    }
-}
-
-/// True when this process may run on more than one core (cached: the answer does not change
-/// while a Lambda execution environment lives).
-fn spare_core() -> bool {
-    static SPARE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *SPARE.get_or_init(|| std::thread::available_parallelism().is_ok_and(|n| n.get() > 1))
+    Verifier::default().deaggregate_each(records, verify_checksum)
 }
 
 /// The protobuf bytes and the MD5 trailer of data shaped like an aggregate.

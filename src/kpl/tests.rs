@@ -474,14 +474,45 @@ mod deaggregate_all_matches_one_by_one {
             assert_eq!(deaggregate_all(records, verify), one_by_one);
             let each: Vec<_> = deaggregate_each(records, verify).collect();
             assert_eq!(each, one_by_one);
-            if verify {
-                // Whatever the batch's size and the machine's cores, the helper thread's way.
-                let shared: Vec<_> =
-                    each::Deaggregating::with_helper(records, each::Aggregates::of(records))
-                        .collect();
-                assert_eq!(shared, one_by_one);
-            }
+            // Whatever the batch's size and the machine's cores, the helper thread's way.
+            let shared: Vec<_> = Verifier::started()
+                .deaggregate_each(records, verify)
+                .collect();
+            assert_eq!(shared, one_by_one);
         }
+        // The aggregates pushed while the batch was read: all of them, some, or copies that
+        // are not the batch's buffers (their verdicts must not be taken).
+        for pushed in [
+            records.to_vec(),
+            records.iter().step_by(2).cloned().collect(),
+            copies(records),
+        ] {
+            let mut verifier = Verifier::started();
+            for data in &pushed {
+                verifier.push(data);
+            }
+            let early: Vec<_> = verifier.deaggregate_each(records, true).collect();
+            assert_eq!(early, one_by_one_verified(records));
+        }
+    }
+
+    fn one_by_one_verified(records: &[Bytes]) -> Vec<Result<Deaggregated, DeaggError>> {
+        records.iter().map(|r| deaggregate(r.clone())).collect()
+    }
+
+    /// Equal bytes in other buffers, a wrong checksum made right and a right one made wrong:
+    /// were a verdict taken for its equal bytes' record, the results would differ.
+    fn copies(records: &[Bytes]) -> Vec<Bytes> {
+        records
+            .iter()
+            .map(|r| {
+                let mut copy = r.to_vec();
+                if let Some(last) = copy.last_mut() {
+                    *last ^= 1;
+                }
+                Bytes::from(copy)
+            })
+            .collect()
     }
 
     proptest! {
@@ -495,7 +526,7 @@ mod deaggregate_all_matches_one_by_one {
         #[test]
         fn left_at_any_point(kinds in prop::collection::vec((any::<u8>(), 0usize..200, any::<u8>()), 0..12), taken in 0usize..12) {
             let records: Vec<Bytes> = kinds.iter().map(|&(k, n, s)| record(k, n, s)).collect();
-            let mut shared = each::Deaggregating::with_helper(&records, each::Aggregates::of(&records));
+            let mut shared = Verifier::started().deaggregate_each(&records, true);
             for _ in 0..taken {
                 drop(shared.next());
             }
