@@ -4,19 +4,20 @@
 //! Alone, this thread computes every MD5 first (side by side), then splits each aggregate
 //! when the caller reaches it: one aggregate's user records in memory at a time.
 //!
-//! With a helper thread, the helper computes the MD5s, in batch order, and sends each verdict
-//! as soon as it is known; then it splits aggregates from the end of the batch backwards. This
-//! thread splits from the front: the record the caller reaches, and the ones after it while a
-//! verdict is awaited. The two meet in the middle (each claims a record before splitting it),
-//! so each aggregate is split once, and the caller gets the same results in the same order
-//! either way; it only waits when the helper is behind.
+//! With a helper thread, the helper computes the MD5s in the order it is sent the
+//! aggregates, side by side, and sends each digest as soon as it is known; then it splits
+//! aggregates from the end of the batch backwards. This thread splits from the front: the
+//! record the caller reaches, and the ones after it while a verdict is awaited. The two meet
+//! in the middle (each claims a record before splitting it), so each aggregate is split once,
+//! and the caller gets the same results in the same order either way; it only waits when the
+//! helper is behind.
+//!
+//! The helper can start before the batch is even read: a [`Verifier`] is pushed each
+//! aggregate as the event's reader decodes it, and the helper hashes it while the rest of the
+//! event is read. The batch is then matched to what was pushed, buffer by buffer.
 //!
 //! A verdict, in the terms of `finish`: `Some(true)` the MD5 trailer matches, `Some(false)` it
 //! does not, `None` the record is not shaped like an aggregate (or is not checked).
-//!
-//! The helper can start before the batch is even read: a [`Verifier`] takes each aggregate as
-//! the event's reader decodes it, and the helper hashes it while the rest of the event is
-//! read. The batch is then matched to what was pushed, buffer by buffer.
 
 use std::ops::Range;
 use std::sync::atomic::{AtomicBool, Ordering};

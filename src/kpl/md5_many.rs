@@ -3,8 +3,9 @@
 //! One MD5 stream cannot go faster than one block after another (each block needs the state
 //! the previous one left), but the aggregates of an event are independent. So this module runs
 //! up to 8 of them side by side, one per 32-bit lane of a 256-bit register, as multi-buffer
-//! hashing libraries do. A lane that finishes its message takes the next one, longest first,
-//! so lanes drain together.
+//! hashing libraries do. A lane that finishes its message takes the next one: longest first
+//! when all are known (`md5_many`), so that lanes drain together; as they come otherwise
+//! (`md5_stream`), so that an aggregate decoded while others are hashed joins them at once.
 //!
 //! Kernels, chosen at run time: AVX-512VL (one-instruction rotates and boolean functions),
 //! else AVX2, else (other CPUs, or a single message, where a lane is slower than the scalar
