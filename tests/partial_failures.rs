@@ -394,3 +394,59 @@ async fn the_concurrent_mode_splits_an_aggregate_by_its_inner_keys() {
     );
     assert!(seqs(&seen).contains(&"1/Some(1)".to_string()));
 }
+
+/// With a second core, `Processor::handle_body` has the aggregates' MD5s checked while the
+/// body is still being read. The transform sees, and Lambda is told, what checks made after
+/// the read give (`batch::process` on the same event read by `from_slice`): a wrong checksum,
+/// a corrupt aggregate with a right one and a failing user record among aggregates big
+/// enough to be handed over early (16 KiB) and to start the helper (64 KiB).
+#[tokio::test]
+async fn checks_made_while_the_body_is_read_change_nothing() {
+    use kinesis_deagg::kpl::Aggregator;
+    use kinesis_deagg::settings::Switch;
+    let data: Vec<Vec<u8>> = (0..150u8).map(|i| vec![i; 200]).collect();
+    let users: Vec<(&str, &[u8])> = data.iter().map(|d| ("k", &d[..])).collect();
+    let mut failing = users.clone();
+    failing[100] = ("k", b"fail");
+    let mut mismatch = Aggregator::new();
+    for (pk, d) in &users {
+        mismatch.add(pk, None, d).unwrap();
+    }
+    let mut mismatch = mismatch.finish().unwrap().data.to_vec();
+    *mismatch.last_mut().unwrap() ^= 1;
+    let corrupt = envelope(&vec![0xFF; 20_000]);
+    let records = vec![
+        aggregate("1", &users),
+        plain("2", "a", &mismatch),
+        aggregate("3", &users),
+        plain("4", "a", &corrupt),
+        plain("5", "a", b"small"),
+        aggregate("6", &users),
+        aggregate("7", &failing),
+        aggregate("8", &users),
+    ];
+    let body = serde_json::to_vec(&event_json(records)).unwrap();
+    let settings = Settings {
+        metrics: Switch::Off,
+        ..with_policy(OnCorrupt::Passthrough)
+    };
+
+    let (after, seen_after) = run(&KinesisEvent::from_slice(&body).unwrap(), &settings).await;
+    let seen_early = Seen::default();
+    let processor = kinesis_deagg::Processor::new(recording(&seen_early), settings);
+    let context = lambda_runtime::Context::default();
+    let early = processor.handle_body(bytes::Bytes::from(body), &context);
+    let early = serde_json::to_string(&early.await.unwrap()).unwrap();
+
+    assert_eq!(early, reported(&after));
+    assert_eq!(early, r#"{"batchItemFailures":[{"itemIdentifier":"7"}]}"#);
+    assert_eq!(*seen_early.borrow(), *seen_after.borrow());
+    let seen = seen_early.borrow();
+    assert_eq!(
+        seen.len(),
+        150 * 3 + 3 + 101,
+        "up to the failing user record"
+    );
+    assert!(seen.contains(&("2".into(), None, mismatch)));
+    assert!(seen.contains(&("4".into(), None, corrupt)));
+}

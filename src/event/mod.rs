@@ -150,6 +150,7 @@ impl KinesisEvent {
         let mut body = Cut {
             rest: body.into(),
             fronts: Vec::new(),
+            cut: 0,
         };
         // By record: where its text stood and, unless refused (then it is still whole, to be
         // explained), where its bytes are now; both from the start of the body.
@@ -206,35 +207,28 @@ struct Cut {
     rest: BytesMut,
     /// The pieces cut off, in order, with where each starts.
     fronts: Vec<(usize, Bytes)>,
+    /// How much was cut off: where the rest starts.
+    cut: usize,
 }
 
 impl Cut {
-    /// How much was cut off.
-    fn cut(&self) -> usize {
-        self.fronts
-            .last()
-            .map_or(0, |(start, front)| start + front.len())
-    }
-
     /// `range` of the rest, from the start of the body.
     fn at(&self, range: Range<usize>) -> Range<usize> {
-        let cut = self.cut();
-        range.start + cut..range.end + cut
+        range.start + self.cut..range.end + self.cut
     }
 
     /// Cuts the rest's first `len` bytes off and gives them.
     fn cut_to(&mut self, len: usize) -> &Bytes {
-        let start = self.cut();
         let front = self.rest.split_to(len).freeze();
-        self.fronts.push((start, front));
+        self.fronts.push((self.cut, front));
+        self.cut += len;
         &self.fronts.last().expect("just pushed").1
     }
 
     /// Every piece, the rest last.
     fn freeze(self) -> Pieces {
-        let start = self.cut();
         let mut pieces = self.fronts;
-        pieces.push((start, self.rest.freeze()));
+        pieces.push((self.cut, self.rest.freeze()));
         Pieces(pieces)
     }
 
@@ -260,7 +254,11 @@ struct Pieces(Vec<(usize, Bytes)>);
 impl Pieces {
     /// `range` of the body (never across a cut: each cut ends a text), without a copy.
     fn slice(&self, range: Range<usize>) -> Bytes {
-        let piece = self.0.partition_point(|(start, _)| *start <= range.start) - 1;
+        // Most bodies (all without big records) are one piece.
+        let piece = match self.0.len() {
+            1 => 0,
+            _ => self.0.partition_point(|(start, _)| *start <= range.start) - 1,
+        };
         let (start, bytes) = &self.0[piece];
         bytes.slice(range.start - start..range.end - start)
     }
