@@ -79,8 +79,8 @@ pub(super) fn read<J: AsRef<[u8]> + ?Sized>(
 }
 
 /// The `Records` array at `pos`, read as the serde path reads it, and where it ends (from the
-/// front `json` then has: see [`read`] on cutting it). Each
-/// record is read by a scanner of its own, so that `text` may change what is behind it.
+/// front `json` then has: see [`read`] on cutting it). Each record is read by a scanner of its
+/// own, so that `text` may change what is behind it.
 fn read_records<J: AsRef<[u8]> + ?Sized>(
     json: &mut J,
     pos: usize,
