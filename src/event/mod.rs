@@ -199,7 +199,7 @@ impl KinesisEvent {
 /// A record's data this long or longer is handed over early by
 /// [`KinesisEvent::from_owned_each`]: worth a head start on another core (a KPL aggregate is
 /// up to 1 MiB, 50 KB by default), and rare enough that the cut costs nothing.
-pub(crate) const EARLY_MIN: usize = 16 * 1024;
+const EARLY_MIN: usize = 16 * 1024;
 
 /// A body being read, its front cut off in pieces (for [`fast::read`], which sees only the
 /// rest): places are counted from the start of the whole body.

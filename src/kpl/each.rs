@@ -31,7 +31,7 @@ use super::{DeaggError, Deaggregated, checksum_parts, finish};
 
 type Outcome = Result<Deaggregated, DeaggError>;
 
-pub(super) struct Deaggregating<'a> {
+struct Deaggregating<'a> {
     records: &'a [Bytes],
     /// The next record to give.
     next: usize,
@@ -77,7 +77,7 @@ enum Message {
 impl<'a> Deaggregating<'a> {
     /// Every verdict computed here and now, side by side: those of `parts`, the records'
     /// [`Aggregates`] (`None`: the checksums are not verified).
-    pub(super) fn alone(records: &'a [Bytes], parts: Option<Aggregates<'a>>) -> Self {
+    fn alone(records: &'a [Bytes], parts: Option<Aggregates<'a>>) -> Self {
         let mut verdicts = vec![None; records.len()];
         if let Some(Aggregates {
             shaped,
@@ -423,7 +423,7 @@ fn spare_core() -> bool {
 }
 
 /// The records of a batch shaped like aggregates.
-pub(super) struct Aggregates<'a> {
+struct Aggregates<'a> {
     /// Their indices in the batch.
     shaped: Vec<usize>,
     /// Their protobuf bodies.
@@ -433,7 +433,7 @@ pub(super) struct Aggregates<'a> {
 }
 
 impl<'a> Aggregates<'a> {
-    pub(super) fn of(records: &'a [Bytes]) -> Self {
+    fn of(records: &'a [Bytes]) -> Self {
         let mut parts = Aggregates {
             shaped: Vec::new(),
             bodies: Vec::new(),
@@ -450,7 +450,7 @@ impl<'a> Aggregates<'a> {
     }
 
     /// The bytes to hash.
-    pub(super) fn body_bytes(&self) -> usize {
+    fn body_bytes(&self) -> usize {
         self.bodies.iter().map(|body| body.len()).sum()
     }
 }
