@@ -17,6 +17,7 @@ mod md5_many;
 mod messages;
 mod wire;
 
+use std::ops::Range;
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -34,16 +35,44 @@ const DIGEST_LEN: usize = 16;
 
 /// One user record, as the producer put it.
 ///
-/// `data` is a slice of the buffer given to [`deaggregate`] (no copy), and the keys are shared
-/// with the aggregate's key tables (reference-counted, no copy), so a user record costs no
-/// allocation of its own.
-#[derive(Clone, Debug, PartialEq, Eq)]
+/// `data` is a slice of the buffer given to [`deaggregate`] (no copy), and the keys are ranges
+/// of the aggregate's key tables, which are copied once into one shared string: a user record
+/// costs no allocation of its own, and an aggregate of thousands of distinct keys costs one.
+#[derive(Clone)]
 pub struct UserRecord {
     sub_sequence_number: Option<u64>,
-    partition_key: Arc<str>,
-    explicit_hash_key: Option<Arc<str>>,
+    /// The keys this record's ranges point into: its aggregate's tables, or a plain record's
+    /// own keys.
+    keys: Arc<str>,
+    partition_key: Range<u32>,
+    explicit_hash_key: Option<Range<u32>>,
     data: Bytes,
     lossy_keys: bool,
+}
+
+/// Equal when everything a caller can see is: where the keys are kept does not count.
+impl PartialEq for UserRecord {
+    fn eq(&self, other: &Self) -> bool {
+        self.sub_sequence_number == other.sub_sequence_number
+            && self.partition_key() == other.partition_key()
+            && self.explicit_hash_key() == other.explicit_hash_key()
+            && self.data == other.data
+            && self.lossy_keys == other.lossy_keys
+    }
+}
+
+impl Eq for UserRecord {}
+
+impl std::fmt::Debug for UserRecord {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("UserRecord")
+            .field("sub_sequence_number", &self.sub_sequence_number)
+            .field("partition_key", &self.partition_key())
+            .field("explicit_hash_key", &self.explicit_hash_key())
+            .field("data", &self.data)
+            .field("lossy_keys", &self.lossy_keys)
+            .finish()
+    }
 }
 
 impl UserRecord {
@@ -58,9 +87,13 @@ impl UserRecord {
     /// assert_eq!(r.partition_key(), "user-1");
     /// ```
     pub fn plain(partition_key: &str, explicit_hash_key: Option<&str>, data: Bytes) -> Self {
+        let mut keys = KeyTable::default();
+        let partition_key = keys.push(partition_key);
+        let explicit_hash_key = explicit_hash_key.map(|k| keys.push(k));
         UserRecord {
-            explicit_hash_key: explicit_hash_key.map(Into::into),
-            ..Self::plain_shared(partition_key.into(), data)
+            explicit_hash_key,
+            partition_key,
+            ..Self::plain_shared(keys.text.into(), data)
         }
     }
 
@@ -68,7 +101,8 @@ impl UserRecord {
     pub(crate) fn plain_shared(partition_key: Arc<str>, data: Bytes) -> Self {
         UserRecord {
             sub_sequence_number: None,
-            partition_key,
+            partition_key: 0..key_offset(partition_key.len()),
+            keys: partition_key,
             explicit_hash_key: None,
             data,
             lossy_keys: false,
@@ -84,7 +118,7 @@ impl UserRecord {
     /// The user record's partition key (for an aggregate, the key inside it, not the outer
     /// `"a"` the KPL writes).
     pub fn partition_key(&self) -> &str {
-        &self.partition_key
+        self.key(&self.partition_key)
     }
 
     /// The explicit hash key, only when this user record carries one.
@@ -92,7 +126,11 @@ impl UserRecord {
     /// The official Python and Node deaggregators give a record without one the table's entry
     /// 0; that is wrong and we do not copy it.
     pub fn explicit_hash_key(&self) -> Option<&str> {
-        self.explicit_hash_key.as_deref()
+        self.explicit_hash_key.as_ref().map(|range| self.key(range))
+    }
+
+    fn key(&self, range: &Range<u32>) -> &str {
+        &self.keys[range.start as usize..range.end as usize]
     }
 
     /// The user record's payload (a slice of the aggregate's buffer, no copy).
@@ -364,23 +402,45 @@ fn finish(data: Bytes, checksum_matches: Option<bool>) -> Result<Deaggregated, D
     split(&body, aggregate).map(Deaggregated::Aggregated)
 }
 
-/// A key table turned into shared strings once, so user records can share them.
-fn key_table(body: &[u8], raw: &[std::ops::Range<usize>]) -> Vec<(Arc<str>, bool)> {
-    raw.iter()
-        .map(|range| {
-            let key = &body[range.clone()];
-            match std::str::from_utf8(key) {
-                Ok(s) => (Arc::from(s), false),
-                Err(_) => (Arc::from(String::from_utf8_lossy(key).as_ref()), true),
-            }
-        })
-        .collect()
+/// Keys copied one after another into one string, each known by its range.
+#[derive(Default)]
+struct KeyTable {
+    text: String,
+}
+
+impl KeyTable {
+    fn push(&mut self, key: &str) -> Range<u32> {
+        let start = key_offset(self.text.len());
+        self.text.push_str(key);
+        start..key_offset(self.text.len())
+    }
+
+    /// Each key of `raw` (ranges of `body`) with whether it was not valid UTF-8 (then pushed
+    /// with U+FFFD replacements).
+    fn push_all(&mut self, body: &[u8], raw: &[Range<usize>]) -> Vec<(Range<u32>, bool)> {
+        raw.iter()
+            .map(|range| match std::str::from_utf8(&body[range.clone()]) {
+                Ok(key) => (self.push(key), false),
+                Err(_) => (
+                    self.push(&String::from_utf8_lossy(&body[range.clone()])),
+                    true,
+                ),
+            })
+            .collect()
+    }
+}
+
+/// An offset into a key table. Tables are copied from one Kinesis record, far below 4 GiB.
+fn key_offset(len: usize) -> u32 {
+    u32::try_from(len).expect("key tables are shorter than a Kinesis record")
 }
 
 fn split(body: &Bytes, message: wire::RawAggregate) -> Result<Vec<UserRecord>, DeaggError> {
-    let partition_keys = key_table(body, &message.partition_key_table);
-    let explicit_hash_keys = key_table(body, &message.explicit_hash_key_table);
-    let lookup = |table: &[(Arc<str>, bool)], index: u64| -> Option<(Arc<str>, bool)> {
+    let mut keys = KeyTable::default();
+    let partition_keys = keys.push_all(body, &message.partition_key_table);
+    let explicit_hash_keys = keys.push_all(body, &message.explicit_hash_key_table);
+    let keys: Arc<str> = keys.text.into();
+    let lookup = |table: &[(Range<u32>, bool)], index: u64| -> Option<(Range<u32>, bool)> {
         usize::try_from(index)
             .ok()
             .and_then(|i| table.get(i))
@@ -418,6 +478,7 @@ fn split(body: &Bytes, message: wire::RawAggregate) -> Result<Vec<UserRecord>, D
         };
         users.push(UserRecord {
             sub_sequence_number: Some(sub_sequence_number),
+            keys: keys.clone(),
             partition_key,
             explicit_hash_key,
             data,
