@@ -1,4 +1,5 @@
-//! Deaggregation allocates at most one small block per user record (zero-copy data).
+//! Deaggregation allocates a few blocks per aggregate, none per user record (zero-copy data,
+//! keys copied once into one table).
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
@@ -27,7 +28,7 @@ unsafe impl GlobalAlloc for Counting {
 static GLOBAL: Counting = Counting;
 
 #[test]
-fn a_1_mib_aggregate_of_200_byte_records_costs_at_most_one_allocation_per_user_record() {
+fn a_1_mib_aggregate_of_200_byte_records_costs_no_allocation_per_user_record() {
     // Every user record has its own partition key: the worst case for the key table.
     let mut agg = Aggregator::new();
     let full = (0..)
@@ -46,7 +47,8 @@ fn a_1_mib_aggregate_of_200_byte_records_costs_at_most_one_allocation_per_user_r
     );
 
     assert_eq!(users.len(), n);
-    assert!(count <= n + 64, "{count} allocations for {n} user records");
+    // A handful of growing vectors and the key table, whatever the number of user records.
+    assert!(count <= 64, "{count} allocations for {n} user records");
     // The data is not copied: every user record's data lies inside the aggregate's buffer.
     let range = data.as_ptr_range();
     assert!(users.iter().all(|u| range.contains(&u.data().as_ptr())));
