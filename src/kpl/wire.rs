@@ -44,7 +44,21 @@ impl<'a> Reader<'a> {
         self.pos < self.end
     }
 
+    /// Most varints of an aggregate (keys, indices, short lengths) are one byte: that case is
+    /// inlined, the rest is not.
+    #[inline(always)]
     fn varint(&mut self) -> Result<u64, String> {
+        match self.buf[..self.end].get(self.pos) {
+            Some(&byte) if byte < 0x80 => {
+                self.pos += 1;
+                Ok(u64::from(byte))
+            }
+            _ => self.long_varint(),
+        }
+    }
+
+    #[inline(never)]
+    fn long_varint(&mut self) -> Result<u64, String> {
         let mut value = 0u64;
         for i in 0..10 {
             let Some(&byte) = self.buf[..self.end].get(self.pos) else {
@@ -63,6 +77,7 @@ impl<'a> Reader<'a> {
         Err(format!("invalid varint ending at byte {}", self.pos))
     }
 
+    #[inline(always)]
     fn key(&mut self) -> Result<(u32, WireType), String> {
         let key = self.varint()?;
         let key = u32::try_from(key).map_err(|_| format!("invalid key value: {key}"))?;
