@@ -78,6 +78,10 @@ impl std::fmt::Debug for UserRecord {
 impl UserRecord {
     /// A user record that was not aggregated: a plain Kinesis record's key and data.
     ///
+    /// # Panics
+    ///
+    /// If the two keys together are 4 GiB or longer (Kinesis allows 256 characters).
+    ///
     /// # Examples
     ///
     /// ```
