@@ -423,12 +423,12 @@ impl KeyTable {
     /// with U+FFFD replacements).
     fn push_all(&mut self, body: &[u8], raw: &[Range<usize>]) -> Vec<(Range<u32>, bool)> {
         raw.iter()
-            .map(|range| match std::str::from_utf8(&body[range.clone()]) {
-                Ok(key) => (self.push(key), false),
-                Err(_) => (
-                    self.push(&String::from_utf8_lossy(&body[range.clone()])),
-                    true,
-                ),
+            .map(|range| {
+                let key = &body[range.clone()];
+                match std::str::from_utf8(key) {
+                    Ok(key) => (self.push(key), false),
+                    Err(_) => (self.push(&String::from_utf8_lossy(key)), true),
+                }
             })
             .collect()
     }
