@@ -25,6 +25,9 @@ use serde::{Deserialize, Deserializer};
 
 mod decode;
 mod fast;
+// Allowed `unsafe`: SIMD intrinsics, see its docs.
+#[allow(unsafe_code)]
+mod vbmi;
 
 /// A Lambda Kinesis event (or `get-records` output), one [`EventRecord`] per Kinesis record.
 ///

@@ -13,9 +13,9 @@
 //! scalar path runs. Every kernel is tested against `md-5` on arbitrary message sets (`tests`
 //! below), and the `md5_many` fuzz target compares the CPU's own choice with `md-5`.
 //!
-//! Besides one `mallopt` call (`memory.rs`), this is the crate's only `unsafe` code: SIMD
-//! intrinsics behind a CPU feature check, and reads of exactly 64 bytes from blocks that the
-//! scheduler takes from live slices.
+//! Besides one `mallopt` call (`memory.rs`) and base64 decoding (`src/event/vbmi.rs`), this
+//! is the crate's only `unsafe` code: SIMD intrinsics behind a CPU feature check, and reads
+//! of exactly 64 bytes from blocks that the scheduler takes from live slices.
 
 use md5::{Digest, Md5};
 

@@ -11,7 +11,8 @@
 
 mod aggregate;
 mod each;
-// Allowed `unsafe` (with `memory.rs`'s one `mallopt` call): SIMD intrinsics, see its docs.
+// Allowed `unsafe` (as are `memory.rs`'s one `mallopt` call and `event/vbmi.rs`): SIMD
+// intrinsics, see its docs.
 #[allow(unsafe_code)]
 mod md5_many;
 mod messages;
