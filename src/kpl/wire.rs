@@ -44,14 +44,18 @@ impl<'a> Reader<'a> {
         self.pos < self.end
     }
 
-    /// Most varints of an aggregate (keys, indices, short lengths) are one byte: that case is
-    /// inlined, the rest is not.
+    /// Most varints of an aggregate are one byte (keys, indices, short lengths) or two (the
+    /// lengths of user records up to 16 KiB): those cases are inlined, the rest is not.
     #[inline(always)]
     fn varint(&mut self) -> Result<u64, String> {
-        match self.buf[..self.end].get(self.pos) {
-            Some(&byte) if byte < 0x80 => {
+        match self.buf[..self.end].get(self.pos..) {
+            Some(&[byte, ..]) if byte < 0x80 => {
                 self.pos += 1;
                 Ok(u64::from(byte))
+            }
+            Some(&[low, high, ..]) if high < 0x80 => {
+                self.pos += 2;
+                Ok(u64::from(low & 0x7F) | u64::from(high) << 7)
             }
             _ => self.long_varint(),
         }
@@ -98,6 +102,7 @@ impl<'a> Reader<'a> {
     }
 
     /// The payload of a length-delimited field.
+    #[inline(always)]
     fn length_delimited(&mut self) -> Result<Range<usize>, String> {
         let len = self.varint()?;
         let start = self.pos;
