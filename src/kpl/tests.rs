@@ -175,6 +175,31 @@ fn a_partition_key_that_is_not_utf8_is_replaced_and_flagged() {
     assert!(users[1].has_lossy_keys());
 }
 
+/// The key tables are checked as UTF-8 in one piece (`KeyTable::of_aggregate`): two keys that
+/// are each cut in the middle of a character, but whole together, are still each invalid.
+#[test]
+fn keys_that_are_valid_only_together_are_each_replaced_and_flagged() {
+    let d = message(
+        &[b"ok", b"\xC3"],
+        &[b"\xA9", b"7"],
+        vec![
+            record(Some(0), Some(1), Some(b"a")),
+            record(Some(1), Some(0), Some(b"b")),
+        ],
+    );
+    let Ok(Deaggregated::Aggregated(users)) = deaggregate(d) else {
+        panic!()
+    };
+    assert_eq!(
+        (users[0].partition_key(), users[0].explicit_hash_key()),
+        ("ok", Some("7"))
+    );
+    assert!(!users[0].has_lossy_keys());
+    assert_eq!(users[1].partition_key(), "\u{FFFD}");
+    assert_eq!(users[1].explicit_hash_key(), Some("\u{FFFD}"));
+    assert!(users[1].has_lossy_keys());
+}
+
 #[test]
 fn zero_sub_records_is_an_empty_aggregate_not_a_plain_record() {
     // An empty protobuf message is zero bytes, so give it a table to be longer than 16 bytes.
