@@ -407,6 +407,9 @@ fn finish(data: Bytes, checksum_matches: Option<bool>) -> Result<Deaggregated, D
     split(&body, aggregate).map(Deaggregated::Aggregated)
 }
 
+/// A key's range in its table, and whether it was not valid UTF-8 (then replaced).
+type KeyRange = (Range<u32>, bool);
+
 /// Keys copied one after another into one string, each known by its range.
 #[derive(Default)]
 struct KeyTable {
@@ -422,7 +425,7 @@ impl KeyTable {
 
     /// Each key of `raw` (ranges of `body`) with whether it was not valid UTF-8 (then pushed
     /// with U+FFFD replacements).
-    fn push_all(&mut self, body: &[u8], raw: &[Range<usize>]) -> Vec<(Range<u32>, bool)> {
+    fn push_all(&mut self, body: &[u8], raw: &[Range<usize>]) -> Vec<KeyRange> {
         raw.iter()
             .map(|range| {
                 let key = &body[range.clone()];
@@ -442,10 +445,7 @@ impl KeyTable {
     /// as a whole and cut at character boundaries is valid in each piece. Checked one by one,
     /// they cost about 80 instructions per user record of W5, mostly in the calls. Only
     /// tables that fail are read again key by key.
-    fn of_aggregate(
-        body: &[u8],
-        raw: [&[Range<usize>]; 2],
-    ) -> (Arc<str>, [Vec<(Range<u32>, bool)>; 2]) {
+    fn of_aggregate(body: &[u8], raw: [&[Range<usize>]; 2]) -> (Arc<str>, [Vec<KeyRange>; 2]) {
         let mut bytes = Vec::new();
         let tables = raw.map(|table| {
             let mut copy = |range: &Range<usize>| {
@@ -482,7 +482,7 @@ fn split(body: &Bytes, message: wire::RawAggregate) -> Result<Vec<UserRecord>, D
             &message.explicit_hash_key_table,
         ],
     );
-    let lookup = |table: &[(Range<u32>, bool)], index: u64| -> Option<(Range<u32>, bool)> {
+    let lookup = |table: &[KeyRange], index: u64| -> Option<KeyRange> {
         usize::try_from(index)
             .ok()
             .and_then(|i| table.get(i))
