@@ -193,14 +193,15 @@ def main():
     data = json.load(open(paths["W1"]))["Records"][0]["kinesis"]["data"]
     parts = {name: bound_parts(path) for name, path in paths.items()}
     b64 = max(base64_rate(data) for _ in range(ROUNDS))
+    bounds = {name: bound_ms(parts[name], md5, b64) for name in paths}
     print(f"ms per event: the fastest of {ROUNDS} interleaved rounds, each the median of 30 runs; "
           f"peak RSS: median (highest) of the rounds")
     print(f"one core ({' '.join(ONE_CORE) or 'no taskset'}); MD5 {md5 / 1e6:.0f} MB/s (openssl), base64 {b64 / 1e6:.0f} MB/s")
     print(f"{'workload':8} {'user recs':>9} {'MB':>5} | {'ours':>7} {'python':>7} {'node':>7} {'bound':>6} ms | "
           f"{'recs/s':>9} {'MB/s':>6} | {'py/ours':>7} {'node/ours':>9} {'ours/bound':>10}")
-    for name, path in paths.items():
+    for name in paths:
         o, p, n = ours[name]["median_ms"], python[name]["median_ms"], node[name]["median_ms"]
-        b = bound_ms(parts[name], md5, b64)
+        b = bounds[name]
         users = ours[name]["user_records"]
         assert users == python[name]["user_records"] == node[name]["user_records"], (name, users, python[name], node[name])
         mb = ours[name]["bytes"] / 1e6
@@ -209,18 +210,18 @@ def main():
     print()
     print(f"{'workload':8} | {'2 cores':>7} {'/bound':>6} {'vs 1':>5} | {'runtime API, 1 core':>28} | "
           f"{'runtime API, 2 cores':>28}")
-    for name, path in paths.items():
+    for name in paths:
         o, t = ours[name]["median_ms"], ours2[name]["median_ms"]
         api_cells = []
         for who, a in [("api", api[name]), ("api2", api2[name])]:
             rss_max = max(r[who][name]["peak_rss_mb"] for r in rounds)
             api_cells.append(f"{a['median_ms']:>6.2f} ms {a['peak_rss_mb']:>5.1f} ({rss_max:.1f}) MB")
-        print(f"{name:8} | {t:>7.2f} {t / bound_ms(parts[name], md5, b64):>6.2f} {o / t:>5.2f} | " + " | ".join(api_cells))
+        print(f"{name:8} | {t:>7.2f} {t / bounds[name]:>6.2f} {o / t:>5.2f} | " + " | ".join(api_cells))
     # Our own base64 decoder is now faster than binascii and Buffer, so the bound above is lenient
     # wherever base64 weighs: the MD5s alone (base64 for free) are a stricter one.
     print()
     print(f"{'workload':8} | {'MD5 alone':>9} ms | {'1 core /it':>10} {'2 cores /it':>11}")
-    for name, path in paths.items():
+    for name in paths:
         m = bound_ms(parts[name], md5, float("inf"))
         if m > 0:
             o, t = ours[name]["median_ms"], ours2[name]["median_ms"]
