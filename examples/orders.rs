@@ -113,7 +113,7 @@ mod tests {
             ("4", r#"not json"#),
         ]);
         let outcome = processor.handle(&e, None).await;
-        assert_eq!(outcome.failure.unwrap().sequence_number.as_ref(), "3");
+        assert_eq!(outcome.failure.unwrap().sequence_number, "3");
         assert_eq!(outcome.stats.succeeded, 2);
     }
 

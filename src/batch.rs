@@ -15,6 +15,7 @@ use std::task::Poll;
 use std::time::{Instant, SystemTime};
 
 use aws_lambda_events::event::streams::KinesisEventResponse;
+use bytestring::ByteString;
 use futures::{FutureExt, StreamExt};
 
 use crate::event::EventRecord;
@@ -52,7 +53,7 @@ pub enum Mode {
 #[error("record {sequence_number}: {kind}")]
 pub struct RecordError {
     /// The Kinesis record concerned.
-    pub sequence_number: Arc<str>,
+    pub sequence_number: ByteString,
     /// What went wrong.
     pub kind: RecordErrorKind,
 }
@@ -136,7 +137,10 @@ fn unpack_from(
         tracing::error!(sequence_number = %seq, action = ?action, "{error}");
         let user_records = match action {
             OnCorrupt::Passthrough => {
-                vec![UserRecord::plain_shared(record.partition_key.clone(), raw)]
+                vec![UserRecord::plain_shared(
+                    Arc::from(&*record.partition_key),
+                    raw,
+                )]
             }
             OnCorrupt::Fail | OnCorrupt::Skip => vec![],
         };
@@ -159,7 +163,10 @@ fn unpack_from(
     };
     let decoded_len = data.len();
     let plain = |data, outcome| Unpacked {
-        user_records: vec![UserRecord::plain_shared(record.partition_key.clone(), data)],
+        user_records: vec![UserRecord::plain_shared(
+            Arc::from(&*record.partition_key),
+            data,
+        )],
         outcome,
         decoded_len,
     };
@@ -248,7 +255,7 @@ pub enum StopReason {
 #[derive(Clone, Debug, PartialEq)]
 pub struct Failure {
     /// Its sequence number.
-    pub sequence_number: Arc<str>,
+    pub sequence_number: ByteString,
     /// Its position in the batch (0-based).
     pub index: usize,
     /// Why processing stopped there.

@@ -99,7 +99,7 @@ impl<T: Transform> Processor<T> {
     ///   {"kinesis":{"sequenceNumber":"2","data":"bm90IGpzb24="}}]}"#).unwrap();
     /// let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
     /// let outcome = rt.block_on(processor.handle(&event, None));
-    /// assert_eq!(outcome.failure.unwrap().sequence_number.as_ref(), "2");
+    /// assert_eq!(outcome.failure.unwrap().sequence_number, "2");
     /// assert_eq!(outcome.stats.succeeded, 1);
     /// ```
     pub async fn handle(&self, event: &KinesisEvent, deadline: Option<Instant>) -> BatchOutcome {

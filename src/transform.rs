@@ -8,6 +8,7 @@ use std::time::SystemTime;
 
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
+use bytestring::ByteString;
 
 use crate::kpl::UserRecord;
 use crate::metrics::Metrics;
@@ -30,7 +31,7 @@ pub struct RecordContext {
 /// The details of one Kinesis record that its user records share.
 #[derive(Debug)]
 pub(crate) struct KinesisRecordInfo {
-    pub(crate) sequence_number: Arc<str>,
+    pub(crate) sequence_number: ByteString,
     pub(crate) shard_id: Option<Arc<str>>,
     pub(crate) stream_arn: Option<Arc<str>>,
     pub(crate) approximate_arrival: Option<SystemTime>,

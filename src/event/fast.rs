@@ -36,7 +36,15 @@ fn is_json_string(text: &[u8]) -> bool {
 /// Deeper than this, give up (serde_json itself stops at 128).
 const MAX_DEPTH: usize = 100;
 
-/// The records of the event in `json`, their `data` still to decode. `None`: read it the
+/// Where a record's sequence number and partition key stand, from the start of the body
+/// (`0..0` for an empty one).
+pub(super) type Strings = [Range<usize>; 2];
+
+/// The records of an event and where their strings stand (see [`read`]).
+pub(super) type Records = (Vec<EventRecord>, Vec<Strings>);
+
+/// The records of the event in `json`, their `data` still to decode and their sequence
+/// numbers and partition keys still to make (empty: see [`Strings`]). `None`: read it the
 /// serde way.
 ///
 /// Each record's `data` text is handed to `text` (with the record's index and where the text
@@ -48,7 +56,7 @@ const MAX_DEPTH: usize = 100;
 pub(super) fn read<J: AsRef<[u8]> + ?Sized>(
     json: &mut J,
     mut text: impl FnMut(&mut J, usize, Range<usize>) -> usize,
-) -> Option<Vec<EventRecord>> {
+) -> Option<Records> {
     let mut records = None;
     let mut scan = Scanner::new(json.as_ref(), 0);
     scan.eat(b'{')?;
@@ -85,13 +93,15 @@ fn read_records<J: AsRef<[u8]> + ?Sized>(
     json: &mut J,
     pos: usize,
     text: &mut impl FnMut(&mut J, usize, Range<usize>) -> usize,
-) -> Option<(Vec<EventRecord>, usize)> {
-    let mut records = Vec::new();
+) -> Option<(Records, usize)> {
+    let (mut records, mut strings) = (Vec::new(), Vec::new());
     let mut repeated = Repeated::default();
+    // How much `text` cut off the front, in all.
+    let mut cut = 0;
     let mut scan = Scanner::new(json.as_ref(), pos);
     scan.eat(b'[')?;
     if scan.eat(b']').is_some() {
-        return Some((records, scan.pos));
+        return Some(((records, strings), scan.pos));
     }
     loop {
         let raw = match scan.peek()? {
@@ -99,25 +109,38 @@ fn read_records<J: AsRef<[u8]> + ?Sized>(
             _ => Lenient::Not(scan.skip(2)?),
         };
         // A record serde refuses fails the event: serde says how.
-        let (record, data) = EventRecord::from_raw(raw, &mut repeated).ok()?;
-        let at = match data {
-            Some(Text(Cow::Borrowed(data))) => {
-                let start = data.as_ptr() as usize - scan.json.as_ptr() as usize;
-                Some(start..start + data.len())
+        let (record, borrowed) = EventRecord::from_raw(raw, &mut repeated).ok()?;
+        // Where a string stands in what `scan` reads. Copies are never made here (no
+        // escapes); were one, serde would read the event.
+        let at = |s: &Cow<[u8]>| match s {
+            Cow::Borrowed(s) => {
+                let start = s.as_ptr() as usize - scan.json.as_ptr() as usize;
+                Some(start..start + s.len())
             }
-            // Never made here (no escapes); were it, serde would decode it.
-            Some(Text(Cow::Owned(_))) => return None,
+            Cow::Owned(_) => None,
+        };
+        // The same from the start of the body, an empty (or absent) string nowhere.
+        let string_at = |s: &Cow<[u8]>| match s.is_empty() {
+            true => Some(0..0),
+            false => at(s).map(|r| r.start + cut..r.end + cut),
+        };
+        let (seq, pk) = (&borrowed.sequence_number, &borrowed.partition_key);
+        strings.push([string_at(seq)?, string_at(pk)?]);
+        let data_at = match &borrowed.data {
+            Some(Text(data)) => Some(at(data)?),
             None => None,
         };
         let mut pos = scan.pos;
         records.push(record);
-        if let Some(at) = at {
-            pos -= text(json, records.len() - 1, at);
+        if let Some(data_at) = data_at {
+            let cut_now = text(json, records.len() - 1, data_at);
+            pos -= cut_now;
+            cut += cut_now;
         }
         scan = Scanner::new(json.as_ref(), pos);
         if scan.eat(b',').is_none() {
             scan.eat(b']')?;
-            return Some((records, scan.pos));
+            return Some(((records, strings), scan.pos));
         }
     }
 }
@@ -660,7 +683,7 @@ mod tests {
     /// The fast path on an event alone: its records, and how many `data` texts it found.
     fn read_alone(json: &[u8]) -> Option<(Vec<EventRecord>, usize)> {
         let mut texts = 0;
-        let records = read(&mut &json[..], |_, _, _| {
+        let (records, _) = read(&mut &json[..], |_, _, _| {
             texts += 1;
             0
         })?;
