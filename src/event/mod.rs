@@ -19,7 +19,10 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use bytes::{Bytes, BytesMut};
-use bytestring::ByteString;
+/// The string type of a record's sequence number and partition key: UTF-8 kept in a
+/// [`Bytes`], so that it can be a slice of the invocation body (re-exported from
+/// `bytestring`).
+pub use bytestring::ByteString;
 use serde::de::value::MapAccessDeserializer;
 use serde::de::{Error as _, IgnoredAny, MapAccess, SeqAccess, Visitor};
 use serde::{Deserialize, Deserializer};
