@@ -33,6 +33,9 @@ fn is_json_string(text: &[u8]) -> bool {
     !text.iter().any(|&b| b < 0x20) && std::str::from_utf8(text).is_ok()
 }
 
+/// The most records a Lambda Kinesis event holds (its largest batch size).
+const MAX_BATCH: usize = 10_000;
+
 /// Deeper than this, give up (serde_json itself stops at 128).
 const MAX_DEPTH: usize = 100;
 
@@ -104,7 +107,9 @@ fn read_records<J: AsRef<[u8]> + ?Sized>(
         return Some(((records, strings), scan.pos));
     }
     loop {
-        let raw = match scan.peek()? {
+        let first = scan.peek()?;
+        let start = scan.pos;
+        let raw = match first {
             b'{' => Lenient::Object(scan.record()?),
             _ => Lenient::Not(scan.skip(2)?),
         };
@@ -130,6 +135,14 @@ fn read_records<J: AsRef<[u8]> + ?Sized>(
             Some(Text(data)) => Some(at(data)?),
             None => None,
         };
+        if records.is_empty() {
+            // The records of an event are much alike: room for as many more as the rest of
+            // the body would hold of the first (never more than Lambda's largest batch), so
+            // that the lists are not copied as they grow.
+            let like_it = (scan.json.len() - scan.pos) / (scan.pos - start) + 1;
+            records.reserve(like_it.min(MAX_BATCH));
+            strings.reserve(like_it.min(MAX_BATCH));
+        }
         let mut pos = scan.pos;
         records.push(record);
         if let Some(data_at) = data_at {
