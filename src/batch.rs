@@ -20,9 +20,8 @@ use futures::{FutureExt, StreamExt};
 
 use crate::event::EventRecord;
 use crate::kpl::{DeaggError, Deaggregated, UserRecord, Verifier, deaggregate_with};
-use crate::metrics::Metrics;
 use crate::settings::Settings;
-use crate::transform::{KinesisRecordInfo, RecordContext, Transform};
+use crate::transform::{Batch, RecordContext, Transform};
 
 /// What happens to a record whose base64 is invalid or whose aggregate is corrupt
 /// (`DEAGG_ON_CORRUPT`).
@@ -318,7 +317,9 @@ impl Floor {
 ///
 /// `deadline` is when Lambda will stop the invocation; processing stops
 /// [`Settings::deadline_margin`] before it. The future is not `Send`: the concurrent mode
-/// interleaves transform calls on the current task rather than spawning.
+/// interleaves transform calls on the current task rather than spawning. The transform's
+/// contexts share a copy of `records` (reference counts, not data);
+/// [`Processor::handle_body`](crate::Processor::handle_body) gives them its own instead.
 ///
 /// # Examples
 ///
@@ -345,17 +346,20 @@ pub async fn process<T: Transform>(
     settings: &Settings,
     deadline: Option<Instant>,
 ) -> BatchOutcome {
-    process_verified(records, Verifier::default(), transform, settings, deadline).await
+    let batch = Batch::new(records.to_vec());
+    process_verified(&batch, Verifier::default(), transform, settings, deadline).await
 }
 
-/// [`process`], with the checks `verifier` has under way (see [`Verifier`]).
+/// [`process`] on a batch the contexts share, with the checks `verifier` has under way (see
+/// [`Verifier`]).
 pub(crate) async fn process_verified<T: Transform>(
-    records: &[EventRecord],
+    batch: &Arc<Batch>,
     verifier: Verifier,
     transform: &T,
     settings: &Settings,
     deadline: Option<Instant>,
 ) -> BatchOutcome {
+    let records = &batch.records[..];
     let mut stats = BatchStats {
         kinesis_records: records.len() as u64,
         ..Default::default()
@@ -364,7 +368,6 @@ pub(crate) async fn process_verified<T: Transform>(
         index: Cell::new(records.len()),
         reason: Cell::new(None),
     };
-    let metrics = Metrics::default();
     let data: Vec<bytes::Bytes> = records
         .iter()
         .map(|r| r.data.clone().unwrap_or_default())
@@ -384,19 +387,13 @@ pub(crate) async fn process_verified<T: Transform>(
             });
     // Contexts are made as records are reached, not all up front.
     let to_items = |(index, u, passed_through): (usize, Unpacked, Option<Arc<str>>)| {
-        let record = &records[index];
-        let info = Arc::new(KinesisRecordInfo {
-            sequence_number: record.sequence_number.clone(),
-            shard_id: record.shard_id.clone(),
-            stream_arn: record.event_source_arn.clone(),
-            approximate_arrival: record.approximate_arrival,
-            aggregated: matches!(u.outcome, RecordOutcome::Aggregated),
-            passed_through,
-            metrics: metrics.clone(),
-        });
+        if let Some(why) = passed_through {
+            // Reached once: never set before.
+            let _ = batch.passed_through[index].set(why);
+        }
         u.user_records.into_iter().map(move |user| Item {
             index,
-            context: RecordContext::of(&info, user.sub_sequence_number()),
+            context: RecordContext::of(batch, index, user.sub_sequence_number()),
             record: user,
         })
     };
@@ -445,7 +442,7 @@ pub(crate) async fn process_verified<T: Transform>(
     BatchOutcome {
         failure,
         stats,
-        metrics: metrics.snapshot(),
+        metrics: batch.metrics.snapshot(),
     }
 }
 

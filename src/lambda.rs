@@ -15,12 +15,12 @@ use std::io::Write;
 use tracing::Instrument;
 
 use crate::batch::{self, BatchOutcome};
-use crate::event::{EventError, KinesisEvent};
+use crate::event::{EventError, EventRecord, KinesisEvent};
 use crate::kpl::Verifier;
 use crate::metrics::{self, Dimensions};
 use crate::settings::Settings;
 use crate::settings::Switch;
-use crate::transform::Transform;
+use crate::transform::{Batch, Transform};
 
 /// A transform and the settings it runs with: the handler of a Kinesis Lambda function.
 ///
@@ -103,14 +103,15 @@ impl<T: Transform> Processor<T> {
     /// assert_eq!(outcome.stats.succeeded, 1);
     /// ```
     pub async fn handle(&self, event: &KinesisEvent, deadline: Option<Instant>) -> BatchOutcome {
-        self.handle_verified(event, Verifier::default(), deadline)
+        let batch = Batch::new(event.records.clone());
+        self.handle_verified(batch, Verifier::default(), deadline)
             .await
     }
 
-    /// [`Processor::handle`], with the checks `verifier` has under way.
+    /// [`Processor::handle`] on a batch of its own, with the checks `verifier` has under way.
     async fn handle_verified(
         &self,
-        event: &KinesisEvent,
+        batch: Arc<Batch>,
         verifier: Verifier,
         deadline: Option<Instant>,
     ) -> BatchOutcome {
@@ -120,13 +121,12 @@ impl<T: Transform> Processor<T> {
             function_name,
         } = &*self.inner;
         let (invoked_at, started) = (SystemTime::now(), Instant::now());
-        let dims = dimensions(function_name, event);
+        let dims = dimensions(function_name, &batch.records);
         let span =
             tracing::info_span!("batch", shard_id = %dims.shard_id, stream = %dims.stream_name);
-        let outcome =
-            batch::process_verified(&event.records, verifier, transform, settings, deadline)
-                .instrument(span)
-                .await;
+        let outcome = batch::process_verified(&batch, verifier, transform, settings, deadline)
+            .instrument(span)
+            .await;
         if settings.metrics == Switch::On {
             let doc = metrics::document(
                 &settings.metrics_namespace,
@@ -180,14 +180,15 @@ impl<T: Transform> Processor<T> {
                 verifier.push(data);
             }
         })?;
-        let outcome = self.handle_verified(&event, verifier, deadline(context));
+        let batch = Batch::new(event.records);
+        let outcome = self.handle_verified(batch, verifier, deadline(context));
         Ok(outcome.await.response())
     }
 }
 
 /// The metrics' dimensions for an event: one invocation holds records of one shard.
-fn dimensions(function_name: &str, event: &KinesisEvent) -> Dimensions {
-    let first = event.records.first();
+fn dimensions(function_name: &str, records: &[EventRecord]) -> Dimensions {
+    let first = records.first();
     let stream_name = first
         .and_then(|r| r.event_source_arn.as_deref())
         .and_then(|arn| arn.split_once(":stream/"))

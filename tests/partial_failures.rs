@@ -450,3 +450,68 @@ async fn checks_made_while_the_body_is_read_change_nothing() {
     assert!(seen.contains(&("2".into(), None, mismatch)));
     assert!(seen.contains(&("4".into(), None, corrupt)));
 }
+
+/// Each user record's context tells the details of the Kinesis record that holds it, and all
+/// of a batch's contexts share its metrics.
+#[tokio::test]
+async fn contexts_tell_the_details_of_their_kinesis_record() {
+    let mut mismatch = envelope(b"not checked");
+    *mismatch.last_mut().unwrap() ^= 1;
+    let mut elsewhere = plain("3", "p", b"z");
+    elsewhere["eventID"] = "shardId-000000000009:3".into();
+    elsewhere["eventSourceARN"] = "arn:aws:kinesis:eu-west-1:1:stream/other".into();
+    elsewhere["kinesis"]["approximateArrivalTimestamp"] = 1_800_000_000.25.into();
+    let e = event(vec![
+        aggregate("1", &[("a", b"x"), ("b", b"y")]),
+        plain("2", "p", &mismatch),
+        elsewhere,
+    ]);
+    let seen = Rc::new(RefCell::new(Vec::new()));
+    let transform = |_: UserRecord, c: RecordContext| {
+        let seen = seen.clone();
+        async move {
+            let ms = c
+                .approximate_arrival()
+                .map(|t| t.duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as u64);
+            let why = c.passed_through().map(|why| why.contains("MD5"));
+            let (shard, arn) = (c.shard_id().map(String::from), c.stream_arn());
+            let stream = arn
+                .and_then(|a| a.split_once(":stream/"))
+                .map(|(_, s)| s.to_string());
+            seen.borrow_mut()
+                .push((c.idempotency_key(), c.aggregated(), shard, stream, ms, why));
+            c.metrics().add("Seen", 1.0);
+            Ok::<(), Error>(())
+        }
+    };
+    let outcome = batch::process(&e.records, &transform, &Settings::default(), None).await;
+    assert_eq!(outcome.metrics["Seen"], 4.0);
+    let first = |key: &str, aggregated, why| {
+        let shard = Some("shardId-000000000001".to_string());
+        (
+            key.to_string(),
+            aggregated,
+            shard,
+            Some("test".into()),
+            Some(1_700_000_000_500),
+            why,
+        )
+    };
+    let third = (
+        "3".to_string(),
+        false,
+        Some("shardId-000000000009".to_string()),
+        Some("other".to_string()),
+        Some(1_800_000_000_250),
+        None,
+    );
+    assert_eq!(
+        *seen.borrow(),
+        [
+            first("1:0", true, None),
+            first("1:1", true, None),
+            first("2", false, Some(true)),
+            third
+        ]
+    );
+}
