@@ -388,10 +388,10 @@ impl FromJsonStr<'_> for Arc<str> {
     }
 }
 
-/// A string that is the same in most records of an event (the shard, the stream): read
-/// without a copy, then shared through [`Repeated`]. Its bytes are checked UTF-8, kept as
-/// bytes so that an ASCII string the fast path found equal to the last one is never
-/// converted.
+/// A string read without a copy: the shard and the stream, the same in most records of an
+/// event, then shared through [`Repeated`]; the sequence number and partition key (see
+/// [`Borrowed`]). Its bytes are checked UTF-8, kept as bytes so that an ASCII string the fast
+/// path found equal to the last one is never converted.
 struct Str<'de>(Cow<'de, [u8]>);
 
 impl<'de: 'a, 'a> FromJsonStr<'de> for Str<'a> {
@@ -664,10 +664,10 @@ impl EventRecord {
 /// (empty when absent), which the reader then makes the record's own, and its `data` text,
 /// still to be decoded.
 ///
-/// Why: an event holds up to 10,000 records; two strings of their own each were two blocks
-/// of memory to allocate and free per record (about a tenth of the time of an event of small
-/// plain records). Read from an owned body, they are slices of it instead
-/// ([`KinesisEvent::from_owned`]).
+/// Why: an event holds up to 10,000 records, and two strings of their own each were two
+/// blocks of memory to allocate and free per record (W3, 3,166 plain records: 360
+/// instructions per record, and half the time of dropping the event). Read from an owned
+/// body, they are slices of it instead ([`KinesisEvent::from_owned`]).
 struct Borrowed<'a> {
     sequence_number: Cow<'a, [u8]>,
     partition_key: Cow<'a, [u8]>,
