@@ -54,7 +54,7 @@ pub struct KinesisEvent {
 pub struct EventRecord {
     /// The record's sequence number: what a batch item failure names. Like the partition
     /// key, a slice of the invocation body when the event was read from one
-    /// ([`KinesisEvent::from_owned`]), else a copy.
+    /// ([`KinesisEvent::from_owned`]), else a copy; as with `data`, keeping it keeps the body.
     pub sequence_number: ByteString,
     /// The outer partition key (`"a"` for KPL aggregates); empty when absent.
     pub partition_key: ByteString,
