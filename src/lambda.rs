@@ -247,7 +247,10 @@ impl<T: Transform + 'static> Service<LambdaEvent<KinesisEvent>> for Processor<T>
         let this = self.clone();
         Box::pin(async move {
             let deadline = deadline(&request.context);
-            Ok(this.handle(&request.payload, deadline).await.response())
+            // The event is ours: its records go to the batch without a copy.
+            let batch = Batch::new(request.payload.records);
+            let outcome = this.handle_verified(batch, Verifier::default(), deadline);
+            Ok(outcome.await.response())
         })
     }
 }
@@ -281,5 +284,37 @@ mod tests {
     fn a_missing_or_relative_deadline_is_no_deadline() {
         assert_eq!(deadline(&context(0)), None);
         assert_eq!(deadline(&context(600_000)), None);
+    }
+
+    #[tokio::test]
+    async fn as_a_service_it_reports_the_failed_record_and_gives_contexts_their_details() {
+        use crate::kpl::UserRecord;
+        use crate::transform::RecordContext;
+        let transform = |r: UserRecord, c: RecordContext| async move {
+            match (&r.data()[..], c.shard_id()) {
+                (b"bad", Some("shardId-7")) => Err("bad"),
+                _ => Ok(()),
+            }
+        };
+        let mut processor = Processor::new(transform, Settings::default());
+        let record = |seq: &str, data: &str| {
+            format!(
+                r#"{{"eventID":"shardId-7:{seq}","kinesis":{{"sequenceNumber":"{seq}","data":"{data}"}}}}"#
+            )
+        };
+        let json = format!(
+            r#"{{"Records":[{},{}]}}"#,
+            record("1", "b2s="),
+            record("2", "YmFk")
+        );
+        let event: KinesisEvent = serde_json::from_str(&json).unwrap();
+        let request = LambdaEvent::new(event, lambda_runtime::Context::default());
+        let response = processor.call(request).await.unwrap();
+        let failed: Vec<_> = response
+            .batch_item_failures
+            .iter()
+            .map(|f| f.item_identifier.as_deref())
+            .collect();
+        assert_eq!(failed, [Some("2")]);
     }
 }
