@@ -103,15 +103,15 @@ impl<T: Transform> Processor<T> {
     /// assert_eq!(outcome.stats.succeeded, 1);
     /// ```
     pub async fn handle(&self, event: &KinesisEvent, deadline: Option<Instant>) -> BatchOutcome {
-        let batch = Batch::new(event.records.clone());
-        self.handle_verified(batch, Verifier::default(), deadline)
+        self.handle_verified(event.records.clone(), Verifier::default(), deadline)
             .await
     }
 
-    /// [`Processor::handle`] on a batch of its own, with the checks `verifier` has under way.
+    /// [`Processor::handle`] on records of its own (they become the batch the contexts
+    /// share), with the checks `verifier` has under way.
     async fn handle_verified(
         &self,
-        batch: Arc<Batch>,
+        records: Vec<EventRecord>,
         verifier: Verifier,
         deadline: Option<Instant>,
     ) -> BatchOutcome {
@@ -121,6 +121,7 @@ impl<T: Transform> Processor<T> {
             function_name,
         } = &*self.inner;
         let (invoked_at, started) = (SystemTime::now(), Instant::now());
+        let batch = Batch::new(records);
         let dims = dimensions(function_name, &batch.records);
         let span =
             tracing::info_span!("batch", shard_id = %dims.shard_id, stream = %dims.stream_name);
@@ -180,8 +181,7 @@ impl<T: Transform> Processor<T> {
                 verifier.push(data);
             }
         })?;
-        let batch = Batch::new(event.records);
-        let outcome = self.handle_verified(batch, verifier, deadline(context));
+        let outcome = self.handle_verified(event.records, verifier, deadline(context));
         Ok(outcome.await.response())
     }
 }
@@ -248,8 +248,8 @@ impl<T: Transform + 'static> Service<LambdaEvent<KinesisEvent>> for Processor<T>
         Box::pin(async move {
             let deadline = deadline(&request.context);
             // The event is ours: its records go to the batch without a copy.
-            let batch = Batch::new(request.payload.records);
-            let outcome = this.handle_verified(batch, Verifier::default(), deadline);
+            let records = request.payload.records;
+            let outcome = this.handle_verified(records, Verifier::default(), deadline);
             Ok(outcome.await.response())
         })
     }

@@ -304,13 +304,12 @@ impl<'a> Scanner<'a> {
         let start = self.pos;
         let (len, plain) = scan_number(&self.json[start..]);
         self.pos += len;
-        match plain {
-            Some(n) => Some(n),
-            None => match serde_json::from_slice(&self.json[start..self.pos]).ok()? {
+        plain.or_else(
+            || match serde_json::from_slice(&self.json[start..self.pos]).ok()? {
                 Loose::<std::sync::Arc<str>>::Num(n) => Some(n),
                 _ => None,
             },
-        }
+        )
     }
 
     fn literal(&mut self, word: &[u8]) -> Option<()> {
