@@ -8,7 +8,7 @@
 //! Processing anything after it only creates duplicates, so both modes stop there.
 
 use std::cell::Cell;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::task::Poll;
@@ -16,10 +16,11 @@ use std::time::{Instant, SystemTime};
 
 use aws_lambda_events::event::streams::KinesisEventResponse;
 use bytestring::ByteString;
-use futures::{FutureExt, StreamExt};
+use futures::FutureExt;
 
 use crate::event::EventRecord;
 use crate::kpl::{DeaggError, Deaggregated, UserRecord, Verifier, deaggregate_with};
+use crate::lookahead::{self, Keyed, Lookahead};
 use crate::settings::Settings;
 use crate::transform::{Batch, RecordContext, Transform};
 
@@ -196,6 +197,10 @@ fn unpack_from(
 }
 
 /// Counts of what one batch held and what became of it.
+///
+/// Processing stops at the first Kinesis record that will be reported, and what comes after
+/// it is delivered again, so it is not unpacked: the counts of user records and of kinds of
+/// records cover the records reached.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct BatchStats {
@@ -203,7 +208,7 @@ pub struct BatchStats {
     pub kinesis_records: u64,
     /// Of those, valid KPL aggregates (empty ones included).
     pub aggregated_records: u64,
-    /// Decoded bytes of all Kinesis records.
+    /// Decoded bytes of all Kinesis records (reached or not).
     pub bytes: u64,
     /// User records found in the batch (a passed-through record counts as one).
     pub user_records: u64,
@@ -223,7 +228,7 @@ pub struct BatchStats {
     pub empty_aggregates: u64,
     /// User records with a key that was not valid UTF-8.
     pub lossy_keys: u64,
-    /// The oldest `approximateArrivalTimestamp` of the batch.
+    /// The oldest `approximateArrivalTimestamp` of the batch (reached or not).
     pub oldest_arrival: Option<SystemTime>,
 }
 
@@ -360,8 +365,14 @@ pub(crate) async fn process_verified<T: Transform>(
     deadline: Option<Instant>,
 ) -> BatchOutcome {
     let records = &batch.records[..];
+    // Counted for every record, reached or not: the rest only for the records reached.
     let mut stats = BatchStats {
         kinesis_records: records.len() as u64,
+        bytes: records
+            .iter()
+            .map(|r| r.data.as_ref().map_or(0, |d| d.len()) as u64)
+            .sum(),
+        oldest_arrival: records.iter().filter_map(|r| r.approximate_arrival).min(),
         ..Default::default()
     };
     let floor = Floor {
@@ -382,7 +393,7 @@ pub(crate) async fn process_verified<T: Transform>(
             .zip(deaggregated)
             .map(|((index, record), deaggregated)| {
                 let u = unpack_from(record, deaggregated, settings);
-                let passed_through = tally(&mut stats, &floor, index, record, &u);
+                let passed_through = tally(&mut stats, &floor, index, &u);
                 (index, u, passed_through)
             });
     // Contexts are made as records are reached, not all up front.
@@ -410,16 +421,15 @@ pub(crate) async fn process_verified<T: Transform>(
     match settings.mode {
         Mode::Ordered => run.lane(unpacked.by_ref().flat_map(to_items)).await,
         Mode::Concurrent => {
-            let lanes = lanes_by_partition_key(unpacked.by_ref().flat_map(to_items));
-            futures::stream::iter(lanes)
-                .map(|lane| run.lane(lane.into_iter()))
-                .buffer_unordered(settings.concurrency.into())
-                .collect::<()>()
-                .await
+            let workers = usize::from(settings.concurrency);
+            let span = (workers * LOOKAHEAD_PER_WORKER).clamp(LOOKAHEAD_MIN, LOOKAHEAD_MAX);
+            let items = Lookahead::new(unpacked.by_ref().flat_map(to_items), span, workers);
+            let keep = |item: &Item| item.index < floor.index.get();
+            lookahead::run_all(items, workers, keep, |item| run.one(item)).await
         }
     }
-    // A batch that stopped early still counts (and logs) every record it held.
-    unpacked.for_each(drop);
+    // What was not reached is left alone: it will be delivered again.
+    drop(unpacked);
     stats.succeeded = run.succeeded.get();
     stats.failed = run.failed.get();
     let index = floor.index.get();
@@ -448,17 +458,7 @@ pub(crate) async fn process_verified<T: Transform>(
 
 /// Counts one unpacked record in `stats` (lowering the floor for a corrupt record that fails
 /// the batch) and says why it is passed through, if it is.
-fn tally(
-    stats: &mut BatchStats,
-    floor: &Floor,
-    index: usize,
-    record: &EventRecord,
-    u: &Unpacked,
-) -> Option<Arc<str>> {
-    if let Some(t) = record.approximate_arrival {
-        stats.oldest_arrival = Some(stats.oldest_arrival.map_or(t, |o| o.min(t)));
-    }
-    stats.bytes += u.decoded_len as u64;
+fn tally(stats: &mut BatchStats, floor: &Floor, index: usize, u: &Unpacked) -> Option<Arc<str>> {
     stats.user_records += u.user_records.len() as u64;
     stats.lossy_keys += u.user_records.iter().filter(|r| r.has_lossy_keys()).count() as u64;
     match &u.outcome {
@@ -504,38 +504,42 @@ impl<T: Transform> Run<'_, T> {
     /// Runs the transform on `items` in order, until one fails or the floor is reached.
     async fn lane(&self, items: impl Iterator<Item = Item>) {
         for item in items {
-            if item.index >= self.floor.index.get() {
+            if item.index >= self.floor.index.get() || !self.one(item).await {
                 break;
             }
-            let seq = &self.records[item.index].sequence_number;
-            match call(self.transform, item.record, item.context, seq, self.stop_at).await {
-                Ok(()) => self.succeeded.set(self.succeeded.get() + 1),
-                Err(reason) => {
-                    if reason != StopReason::Deadline {
-                        self.failed.set(self.failed.get() + 1);
-                    }
-                    self.floor.lower(item.index, reason);
-                    break;
+        }
+    }
+
+    /// Runs the transform on one item, lowering the floor if it fails; true if it succeeded.
+    async fn one(&self, item: Item) -> bool {
+        let seq = &self.records[item.index].sequence_number;
+        match call(self.transform, item.record, item.context, seq, self.stop_at).await {
+            Ok(()) => {
+                self.succeeded.set(self.succeeded.get() + 1);
+                true
+            }
+            Err(reason) => {
+                if reason != StopReason::Deadline {
+                    self.failed.set(self.failed.get() + 1);
                 }
+                self.floor.lower(item.index, reason);
+                false
             }
         }
     }
 }
 
-/// Splits items into one lane per partition key, each in batch order.
-fn lanes_by_partition_key(items: impl Iterator<Item = Item>) -> Vec<Vec<Item>> {
-    let mut lane_of: HashMap<Arc<str>, usize> = HashMap::new();
-    let mut lanes: Vec<Vec<Item>> = Vec::new();
-    for item in items {
-        let key: Arc<str> = item.record.partition_key().into();
-        let lane = *lane_of.entry(key).or_insert_with(|| {
-            lanes.push(Vec::new());
-            lanes.len() - 1
-        });
-        lanes[lane].push(item);
+impl Keyed for Item {
+    fn key(&self) -> &[u8] {
+        self.record.partition_key().as_bytes()
     }
-    lanes
 }
+
+/// The concurrent mode looks this many user records ahead per worker (see [`lookahead`]),
+/// within these bounds.
+const LOOKAHEAD_PER_WORKER: usize = 32;
+const LOOKAHEAD_MIN: usize = 256;
+const LOOKAHEAD_MAX: usize = 16_384;
 
 /// Runs the transform on one user record, turning an error, a panic or the deadline into the
 /// reason to stop, and logging it.

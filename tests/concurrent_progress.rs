@@ -1,0 +1,154 @@
+//! The concurrent mode moves the checkpoint at least as fast as the ordered mode: modelled
+//! as Lambda's event source mapping retries a batch (each retry starts at the reported
+//! record), every invocation advances the checkpoint, and the batch is done in no more
+//! invocations than the ordered mode needs.
+
+mod common;
+
+use std::cell::Cell;
+use std::rc::Rc;
+use std::time::{Duration, Instant};
+
+use common::*;
+use kinesis_deagg::Settings;
+use kinesis_deagg::batch::{self, Mode};
+use kinesis_deagg::event::EventRecord;
+use kinesis_deagg::kpl::UserRecord;
+use kinesis_deagg::transform::{Error, RecordContext};
+
+/// 10 KPL aggregates, each with one user record for each of `keys` partition keys (as KPL
+/// aggregates of many keys are).
+fn batch_of(keys: usize) -> Vec<EventRecord> {
+    let names: Vec<String> = (0..keys).map(|k| format!("key-{k}")).collect();
+    let records = (0..10)
+        .map(|i| {
+            let users: Vec<(&str, &[u8])> = names.iter().map(|n| (n.as_str(), &b"x"[..])).collect();
+            aggregate(&format!("{:04}", i), &users)
+        })
+        .collect();
+    event(records).records
+}
+
+#[derive(Clone, Copy, Debug)]
+enum Cost {
+    /// Busy for this long without yielding (CPU work, or a blocking call).
+    Blocking(Duration),
+    /// Awaits a timer this long.
+    Async(Duration),
+}
+
+/// The retries of one batch: the checkpoint (index into the batch) after each invocation, and
+/// the most transform calls that were in flight at once.
+async fn retries(keys: usize, mode: Mode, cost: Cost, budget: Duration) -> (Vec<usize>, usize) {
+    let records = batch_of(keys);
+    let settings = Settings {
+        mode,
+        concurrency: 8,
+        deadline_margin_ms: 1000,
+        ..Settings::default()
+    };
+    let (in_flight, most) = (Rc::new(Cell::new(0)), Rc::new(Cell::new(0)));
+    let transform = |_: UserRecord, _: RecordContext| {
+        let (in_flight, most) = (in_flight.clone(), most.clone());
+        async move {
+            in_flight.set(in_flight.get() + 1);
+            most.set(most.get().max(in_flight.get()));
+            match cost {
+                Cost::Blocking(d) => {
+                    let until = Instant::now() + d;
+                    while Instant::now() < until {
+                        std::hint::spin_loop();
+                    }
+                }
+                Cost::Async(d) => tokio::time::sleep(d).await,
+            }
+            in_flight.set(in_flight.get() - 1);
+            Ok::<(), Error>(())
+        }
+    };
+    let (mut start, mut checkpoints) = (0, Vec::new());
+    while start < records.len() {
+        assert!(checkpoints.len() < 50, "no end in sight: {checkpoints:?}");
+        let deadline = tokio::time::Instant::now().into_std() + budget + settings.deadline_margin();
+        let outcome =
+            batch::process(&records[start..], &transform, &settings, Some(deadline)).await;
+        start += outcome.failure.map_or(records.len() - start, |f| f.index);
+        checkpoints.push(start);
+    }
+    (checkpoints, most.get())
+}
+
+fn assert_progress(keys: usize, cost: Cost, budget: Duration) -> (Vec<usize>, Vec<usize>, usize) {
+    let rt = || {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .start_paused(matches!(cost, Cost::Async(_)))
+            .build()
+            .unwrap()
+    };
+    let (ordered, _) = rt().block_on(retries(keys, Mode::Ordered, cost, budget));
+    let (concurrent, most) = rt().block_on(retries(keys, Mode::Concurrent, cost, budget));
+    for w in concurrent.windows(2) {
+        assert!(
+            w[0] < w[1],
+            "{keys} keys, {cost:?}: the checkpoint stood still: {concurrent:?}"
+        );
+    }
+    assert!(
+        concurrent[0] > 0,
+        "{keys} keys, {cost:?}: the first invocation made no progress"
+    );
+    assert!(
+        concurrent.len() <= ordered.len(),
+        "{keys} keys, {cost:?}: concurrent took {concurrent:?}, ordered {ordered:?}"
+    );
+    (ordered, concurrent, most)
+}
+
+// About 60 calls of 5 ms fit in an invocation (with 6 to spare, against timing noise).
+const BLOCKING_BUDGET: Duration = Duration::from_millis(330);
+
+#[test]
+fn with_a_blocking_transform_the_checkpoint_moves_every_invocation_for_20_keys() {
+    let (ordered, concurrent, _) = assert_progress(
+        20,
+        Cost::Blocking(Duration::from_millis(5)),
+        BLOCKING_BUDGET,
+    );
+    // A transform that never waits runs in batch order either way: 3 aggregates per retry.
+    assert_eq!(ordered, [3, 6, 9, 10]);
+    assert_eq!(concurrent, ordered);
+}
+
+#[test]
+fn with_a_blocking_transform_the_checkpoint_moves_every_invocation_for_8_keys() {
+    let (ordered, concurrent, _) =
+        assert_progress(8, Cost::Blocking(Duration::from_millis(5)), BLOCKING_BUDGET);
+    assert_eq!(ordered, [8, 10]);
+    assert_eq!(concurrent, ordered);
+}
+
+#[test]
+fn with_an_async_transform_keys_run_side_by_side_for_20_keys() {
+    // 600 ms of 30 ms calls: 20 in order (one aggregate per invocation), 160 concurrently.
+    // (One lane per key over the whole batch never let keys 16 to 19 start: aggregate 0
+    // was reported every time.)
+    let budget = Duration::from_millis(600);
+    let (ordered, concurrent, most) =
+        assert_progress(20, Cost::Async(Duration::from_millis(30)), budget);
+    assert_eq!(ordered, (1..=10).collect::<Vec<_>>());
+    assert_eq!(concurrent, [8, 10]);
+    assert_eq!(most, 8);
+}
+
+#[test]
+fn with_an_async_transform_keys_run_side_by_side_for_8_keys() {
+    let budget = Duration::from_millis(600);
+    let (ordered, concurrent, most) =
+        assert_progress(8, Cost::Async(Duration::from_millis(40)), budget);
+    // 15 calls of 40 ms in order: one aggregate per invocation (10 in all).
+    assert_eq!(ordered.len(), 10, "{ordered:?}");
+    // 8 at a time: 15 aggregates' worth per invocation.
+    assert_eq!(concurrent, [10]);
+    assert_eq!(most, 8);
+}
