@@ -33,6 +33,7 @@ test: deps lambda-tools ## Everything CI runs: fmt, clippy, every test (cross-co
 	cargo clippy --all-targets -- -D warnings
 	cargo build --release
 	KINESIS_DEAGG_BIN=$(CURDIR)/$(BIN) cargo test
+	cargo test --release --test memory
 	bash tools/watch-check.sh
 	$(MAKE) --no-print-directory e2e
 	$(MAKE) --no-print-directory lint-template

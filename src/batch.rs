@@ -19,7 +19,7 @@ use bytestring::ByteString;
 use futures::FutureExt;
 
 use crate::event::EventRecord;
-use crate::kpl::{DeaggError, Deaggregated, UserRecord, Verifier, deaggregate_with};
+use crate::kpl::{DeaggError, Deaggregated, UserRecord, UserRecords, Verifier, deaggregate_with};
 use crate::lookahead::{self, Keyed, Lookahead};
 use crate::settings::Settings;
 use crate::transform::{Batch, RecordContext, Transform};
@@ -90,7 +90,7 @@ pub enum RecordOutcome {
 pub struct Unpacked {
     /// The user records to deliver, in order (empty for an empty aggregate, or a corrupt
     /// record that is failed or skipped).
-    pub user_records: Vec<UserRecord>,
+    pub user_records: UserRecords,
     /// How the record unpacked.
     pub outcome: RecordOutcome,
     /// Length of the record's data after base64 decoding (0 when it did not decode).
@@ -136,13 +136,11 @@ fn unpack_from(
         let action = settings.on_corrupt;
         tracing::error!(sequence_number = %seq, action = ?action, "{error}");
         let user_records = match action {
-            OnCorrupt::Passthrough => {
-                vec![UserRecord::plain_shared(
-                    Arc::from(&*record.partition_key),
-                    raw,
-                )]
-            }
-            OnCorrupt::Fail | OnCorrupt::Skip => vec![],
+            OnCorrupt::Passthrough => UserRecords::one(UserRecord::plain_shared(
+                Arc::from(&*record.partition_key),
+                raw,
+            )),
+            OnCorrupt::Fail | OnCorrupt::Skip => UserRecords::none(),
         };
         Unpacked {
             user_records,
@@ -163,10 +161,10 @@ fn unpack_from(
     };
     let decoded_len = data.len();
     let plain = |data, outcome| Unpacked {
-        user_records: vec![UserRecord::plain_shared(
+        user_records: UserRecords::one(UserRecord::plain_shared(
             Arc::from(&*record.partition_key),
             data,
-        )],
+        )),
         outcome,
         decoded_len,
     };
@@ -402,7 +400,7 @@ pub(crate) async fn process_verified<T: Transform>(
             // Reached once: never set before.
             let _ = batch.passed_through[index].set(why);
         }
-        u.user_records.into_iter().map(move |user| Item {
+        u.user_records.map(move |user| Item {
             index,
             context: RecordContext::of(batch, index, user.sub_sequence_number()),
             record: user,
@@ -460,7 +458,7 @@ pub(crate) async fn process_verified<T: Transform>(
 /// the batch) and says why it is passed through, if it is.
 fn tally(stats: &mut BatchStats, floor: &Floor, index: usize, u: &Unpacked) -> Option<Arc<str>> {
     stats.user_records += u.user_records.len() as u64;
-    stats.lossy_keys += u.user_records.iter().filter(|r| r.has_lossy_keys()).count() as u64;
+    stats.lossy_keys += u.user_records.lossy_keys() as u64;
     match &u.outcome {
         RecordOutcome::Plain => None,
         RecordOutcome::Aggregated => {

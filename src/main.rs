@@ -177,8 +177,8 @@ fn decode(event: KinesisEvent, decode: DecodeSettings) -> Result<ExitCode, Error
             let line = json!({"sequenceNumber": &*record.sequence_number, "error": error.kind.to_string()});
             writeln!(out, "{line}")?;
         }
-        for user in &unpacked.user_records {
-            writeln!(out, "{}", decode_line(user, &record.sequence_number))?;
+        for user in unpacked.user_records {
+            writeln!(out, "{}", decode_line(&user, &record.sequence_number))?;
         }
     }
     Ok(if failed {

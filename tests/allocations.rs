@@ -45,6 +45,7 @@ fn a_1_mib_aggregate_of_200_byte_records_costs_no_allocation_per_user_record() {
         ALLOCATIONS.load(Relaxed) - count0,
         BYTES.load(Relaxed) - bytes0,
     );
+    let users: Vec<_> = users.collect();
 
     assert_eq!(users.len(), n);
     // A handful of growing vectors and the key table, whatever the number of user records.

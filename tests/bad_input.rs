@@ -140,6 +140,7 @@ async fn a_10_mib_record_plain_and_aggregated() {
     let Ok(Deaggregated::Aggregated(users)) = deaggregate(record.data) else {
         panic!("not an aggregate")
     };
+    let users: Vec<_> = users.collect();
     assert_eq!(users[0].data().len(), (10 << 20) - 100);
 }
 

@@ -128,6 +128,7 @@ fn ours_from(kinesis_records: &[Value]) -> Vec<User> {
                 record.sequence_number
             )
         };
+        let users: Vec<_> = users.collect();
         out.extend(users.into_iter().map(|u| {
             (
                 u.partition_key().to_owned(),
@@ -257,5 +258,6 @@ fn the_official_modules_misreport_a_missing_explicit_hash_key_and_we_do_not() {
     let Ok(Deaggregated::Aggregated(ours)) = deaggregate(r.data) else {
         panic!()
     };
+    let ours: Vec<_> = ours.collect();
     assert_eq!(ours[1].explicit_hash_key(), None);
 }

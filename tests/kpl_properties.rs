@@ -46,6 +46,7 @@ proptest! {
             let Ok(Deaggregated::Aggregated(u)) = deaggregate(r.data.clone()) else {
                 return Err(TestCaseError::fail("not an aggregate"));
             };
+            let u: Vec<_> = u.collect();
             prop_assert_eq!(u.len(), r.user_records);
             for (i, u) in u.iter().enumerate() {
                 prop_assert_eq!(u.sub_sequence_number(), Some(i as u64));

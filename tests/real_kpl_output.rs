@@ -18,6 +18,7 @@ fn ours() -> Vec<Value> {
                 record.sequence_number
             )
         };
+        let users: Vec<_> = users.collect();
         for u in users {
             lines.push(json!({
                 "sequenceNumber": &*record.sequence_number,

@@ -16,6 +16,7 @@ mod each;
 #[allow(unsafe_code)]
 mod md5_many;
 mod messages;
+mod records;
 mod wire;
 
 use std::ops::Range;
@@ -27,6 +28,7 @@ use md5::{Digest, Md5};
 pub use aggregate::{AggregateError, AggregatedRecord, Aggregator};
 pub(crate) use each::Verifier;
 pub use md5_many::md5_many;
+pub use records::UserRecords;
 
 /// The four bytes that start every KPL aggregated record.
 pub const MAGIC: [u8; 4] = [0xF3, 0x89, 0x9A, 0xC2];
@@ -203,9 +205,9 @@ pub enum Deaggregated {
     /// such a record is passed through as one plain record. It is its own variant so that the
     /// caller can log a warning and count it.
     ChecksumMismatch(Bytes),
-    /// A verified aggregate and its user records, in order. The list may be empty: an
+    /// A verified aggregate and its user records, in order. There may be none: an
     /// aggregate with zero user records is valid protobuf and the caller should count it.
-    Aggregated(Vec<UserRecord>),
+    Aggregated(UserRecords),
 }
 
 /// Why a verified aggregate (magic and MD5 correct) could not be split into user records.
@@ -474,60 +476,64 @@ fn key_offset(len: usize) -> u32 {
     u32::try_from(len).expect("key tables are shorter than a Kinesis record")
 }
 
-fn split(body: &Bytes, message: wire::RawAggregate) -> Result<Vec<UserRecord>, DeaggError> {
-    let (keys, [partition_keys, explicit_hash_keys]) = KeyTable::of_aggregate(
+/// Checks every record of `message` (a field missing, an index beyond its table: the first
+/// problem, in order, is the error) and makes them [`UserRecords`].
+fn split(body: &Bytes, message: wire::RawAggregate) -> Result<UserRecords, DeaggError> {
+    let (keys, tables) = KeyTable::of_aggregate(
         body,
         [
             &message.partition_key_table,
             &message.explicit_hash_key_table,
         ],
     );
-    let lookup = |table: &[KeyRange], index: u64| -> Option<KeyRange> {
-        usize::try_from(index)
-            .ok()
-            .and_then(|i| table.get(i))
-            .cloned()
-    };
-    let mut users = Vec::with_capacity(message.records.len());
-    for (n, record) in message.records.into_iter().enumerate() {
+    let mut lossy = 0;
+    for (n, record) in message.records.iter().enumerate() {
         let sub_sequence_number = n as u64;
         let missing = |field| DeaggError::MissingField {
             sub_sequence_number,
             field,
         };
-        let pk_index = record
-            .partition_key_index
-            .ok_or_else(|| missing("partition_key_index"))?;
-        let data = body.slice(record.data.ok_or_else(|| missing("data"))?);
-        let (partition_key, pk_lossy) =
-            lookup(&partition_keys, pk_index).ok_or(DeaggError::PartitionKeyIndexOutOfRange {
-                sub_sequence_number,
-                index: pk_index,
-                table_len: partition_keys.len(),
-            })?;
-        let (explicit_hash_key, ehk_lossy) = match record.explicit_hash_key_index {
-            None => (None, false),
-            Some(index) => {
-                let (key, lossy) = lookup(&explicit_hash_keys, index).ok_or(
-                    DeaggError::ExplicitHashKeyIndexOutOfRange {
-                        sub_sequence_number,
-                        index,
-                        table_len: explicit_hash_keys.len(),
-                    },
-                )?;
-                (Some(key), lossy)
-            }
+        if record.partition_key_index == wire::ABSENT {
+            return Err(missing("partition_key_index"));
+        }
+        if record.data_start == wire::ABSENT {
+            return Err(missing("data"));
+        }
+        // An index as read: `HUGE` stands for the first such value of the field.
+        let read = |index: u32, field: usize| match index {
+            wire::HUGE => message.first_huge[field].unwrap_or(u64::MAX),
+            i => u64::from(i),
         };
-        users.push(UserRecord {
-            sub_sequence_number: Some(sub_sequence_number),
-            keys: keys.clone(),
-            partition_key,
-            explicit_hash_key,
-            data,
-            lossy_keys: pk_lossy || ehk_lossy,
-        });
+        let [partition_keys, explicit_hash_keys] = &tables;
+        let Some((_, pk_lossy)) = partition_keys.get(record.partition_key_index as usize) else {
+            return Err(DeaggError::PartitionKeyIndexOutOfRange {
+                sub_sequence_number,
+                index: read(record.partition_key_index, 0),
+                table_len: partition_keys.len(),
+            });
+        };
+        let ehk_lossy = match record.explicit_hash_key_index {
+            wire::ABSENT => false,
+            index => match explicit_hash_keys.get(index as usize) {
+                Some((_, lossy)) => *lossy,
+                None => {
+                    return Err(DeaggError::ExplicitHashKeyIndexOutOfRange {
+                        sub_sequence_number,
+                        index: read(index, 1),
+                        table_len: explicit_hash_keys.len(),
+                    });
+                }
+            },
+        };
+        lossy += usize::from(*pk_lossy || ehk_lossy);
     }
-    Ok(users)
+    Ok(UserRecords::of_split(records::Split {
+        body: body.clone(),
+        keys,
+        tables,
+        records: message.records,
+        lossy,
+    }))
 }
 
 #[cfg(test)]
