@@ -306,6 +306,7 @@ pub fn is_aggregated(data: &[u8]) -> bool {
 /// let Deaggregated::Aggregated(users) = deaggregate(record.data.clone()).unwrap() else {
 ///     panic!("not an aggregate")
 /// };
+/// let users: Vec<_> = users.collect();
 /// assert_eq!(users.len(), 2);
 /// assert_eq!(users[1].partition_key(), "user-2");
 /// assert_eq!(users[1].explicit_hash_key(), Some("42"));
