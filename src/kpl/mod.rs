@@ -487,6 +487,7 @@ fn split(body: &Bytes, message: wire::RawAggregate) -> Result<UserRecords, Deagg
             &message.explicit_hash_key_table,
         ],
     );
+    let [partition_keys, explicit_hash_keys] = &tables;
     let mut lossy = 0;
     for (n, record) in message.records.iter().enumerate() {
         let sub_sequence_number = n as u64;
@@ -505,7 +506,6 @@ fn split(body: &Bytes, message: wire::RawAggregate) -> Result<UserRecords, Deagg
             wire::HUGE => message.first_huge[field].unwrap_or(u64::MAX),
             i => u64::from(i),
         };
-        let [partition_keys, explicit_hash_keys] = &tables;
         let Some((_, pk_lossy)) = partition_keys.get(record.partition_key_index as usize) else {
             return Err(DeaggError::PartitionKeyIndexOutOfRange {
                 sub_sequence_number,

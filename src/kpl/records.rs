@@ -144,24 +144,9 @@ impl Iterator for UserRecords {
         let left = self.end - self.next.min(self.end);
         (left, Some(left))
     }
-
-    fn nth(&mut self, n: usize) -> Option<UserRecord> {
-        if let Source::Aggregate(_) = self.source {
-            self.next = self.next.saturating_add(n).min(self.end);
-            return self.next();
-        }
-        (0..n).for_each(|_| drop(self.next()));
-        self.next()
-    }
 }
 
 impl ExactSizeIterator for UserRecords {}
-
-impl From<UserRecord> for UserRecords {
-    fn from(record: UserRecord) -> Self {
-        UserRecords::one(record)
-    }
-}
 
 /// Equal when the user records left are.
 impl PartialEq for UserRecords {
