@@ -12,7 +12,7 @@ use std::collections::BTreeMap;
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::task::Poll;
-use std::time::{Instant, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use aws_lambda_events::event::streams::KinesisEventResponse;
 use bytestring::ByteString;
@@ -316,6 +316,28 @@ impl Floor {
     }
 }
 
+/// The most of the time left that the deadline margin may take: a margin configured at or
+/// above the time left would otherwise stop every retry before its first record.
+const MARGIN_MAX_SHARE: u32 = 2;
+
+/// When to stop for `deadline`: `margin` before it, but never more than half of the time
+/// left ([`MARGIN_MAX_SHARE`]), so that every invocation with time left makes progress.
+fn stop_time(deadline: Instant, margin: Duration) -> Instant {
+    // tokio's clock, as the checks against the stop time use (tests pause it).
+    let left = deadline.saturating_duration_since(tokio::time::Instant::now().into_std());
+    let most = left / MARGIN_MAX_SHARE;
+    if margin <= most {
+        return deadline - margin;
+    }
+    tracing::warn!(
+        margin_ms = margin.as_millis() as u64,
+        left_ms = left.as_millis() as u64,
+        "the deadline margin is more than half the time left; stopping {} ms before the deadline instead",
+        most.as_millis()
+    );
+    deadline - most
+}
+
 /// Processes one batch: see the module docs for the rules.
 ///
 /// `deadline` is when Lambda will stop the invocation; processing stops
@@ -407,7 +429,7 @@ pub(crate) async fn process_verified<T: Transform>(
         })
     };
 
-    let stop_at = deadline.map(|d| d.checked_sub(settings.deadline_margin()).unwrap_or(d));
+    let stop_at = deadline.map(|d| stop_time(d, settings.deadline_margin()));
     let run = Run {
         transform,
         records,

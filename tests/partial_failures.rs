@@ -294,9 +294,32 @@ async fn the_deadline_stops_the_batch_at_the_first_unprocessed_record() {
 }
 
 #[tokio::test(start_paused = true)]
-async fn a_batch_that_arrives_past_the_margin_processes_nothing() {
+async fn a_margin_above_the_time_left_takes_half_of_it() {
+    let e = event(
+        (1..=10)
+            .map(|i| plain(&i.to_string(), "a", b"ok"))
+            .collect(),
+    );
+    let slow = |_: UserRecord, _: RecordContext| async {
+        tokio::time::sleep(Duration::from_millis(60)).await;
+        Ok::<(), Error>(())
+    };
+    // The default 1,000 ms margin before a deadline 250 ms away would stop every retry before
+    // its first record; it shrinks to 125 ms: two records of 60 ms succeed, the third is
+    // abandoned at 125 ms.
+    let deadline = tokio::time::Instant::now().into_std() + Duration::from_millis(250);
+    let outcome = batch::process(&e.records, &slow, &Settings::default(), Some(deadline)).await;
+    assert_eq!(
+        reported(&outcome),
+        r#"{"batchItemFailures":[{"itemIdentifier":"3"}]}"#
+    );
+    assert_eq!(outcome.stats.succeeded, 2);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_batch_that_arrives_at_its_deadline_processes_nothing() {
     let e = event(vec![plain("1", "a", b"ok")]);
-    let deadline = tokio::time::Instant::now().into_std() + Duration::from_millis(10);
+    let deadline = tokio::time::Instant::now().into_std();
     let (settings, seen) = (Settings::default(), Seen::default());
     let outcome = batch::process(&e.records, &recording(&seen), &settings, Some(deadline)).await;
     assert_eq!(
