@@ -1,8 +1,10 @@
 //! The iterator of [`deaggregate_each`](super::deaggregate_each): a batch's records
 //! deaggregated in order, the work shared with a second core when there is one.
 //!
-//! Alone, this thread computes every MD5 first (side by side), then splits each aggregate
-//! when the caller reaches it: one aggregate's user records in memory at a time.
+//! Alone, this thread computes the MD5s of the next [`HASH_AHEAD`] aggregates side by side
+//! when the caller reaches the first of them, then splits each aggregate when the caller
+//! reaches it: one aggregate's user records in memory at a time, and nothing hashed past the
+//! record where a caller stops (a failure in the ordered mode).
 //!
 //! With a helper thread, the helper computes the MD5s in the order it is sent the
 //! aggregates, side by side, and sends each digest as soon as it is known; then it splits
@@ -43,7 +45,14 @@ struct Deaggregating<'a> {
     /// By record (with a helper): its split, made ahead, the verdict not yet applied.
     split: Vec<Option<Outcome>>,
     helper: Option<Helper>,
+    /// Alone: the aggregates, and how many of them are hashed.
+    unhashed: Option<(Aggregates<'a>, usize)>,
 }
+
+/// Alone, the aggregates hashed at once: 8 per lane of the widest kernel, so that lanes are
+/// kept busy, and few enough that a caller who stops early leaves most of a big batch
+/// unhashed.
+const HASH_AHEAD: usize = 64;
 
 /// The second thread: what it is sent, and what it sends.
 struct Helper {
@@ -75,33 +84,43 @@ enum Message {
 }
 
 impl<'a> Deaggregating<'a> {
-    /// Every verdict computed here and now, side by side: those of `parts`, the records'
-    /// [`Aggregates`] (`None`: the checksums are not verified).
+    /// The verdicts of `parts`, the records' [`Aggregates`], computed on this thread as the
+    /// records are reached (`None`: the checksums are not verified).
     fn alone(records: &'a [Bytes], parts: Option<Aggregates<'a>>) -> Self {
-        let mut verdicts = vec![None; records.len()];
-        if let Some(Aggregates {
-            shaped,
-            bodies,
-            trailers,
-        }) = parts
-        {
-            // A mismatch until its digest says otherwise: the safe side.
-            for &i in &shaped {
-                verdicts[i] = Some(false);
-            }
-            md5_each(&bodies, &mut |k, digest| {
-                verdicts[shaped[k]] = Some(digest[..] == *trailers[k]);
-                true
-            });
+        let mut verdicts = vec![Some(None); records.len()];
+        for &i in parts.iter().flat_map(|p| &p.shaped) {
+            verdicts[i] = None;
         }
         Deaggregating {
             records,
             next: 0,
-            verdicts: verdicts.into_iter().map(Some).collect(),
+            verdicts,
             record_of: Vec::new(),
             split: Vec::new(),
             helper: None,
+            unhashed: parts.map(|p| (p, 0)),
         }
+    }
+
+    /// Alone: the verdicts of the next [`HASH_AHEAD`] aggregates, side by side. False when
+    /// every aggregate is hashed.
+    fn hash_ahead(&mut self) -> bool {
+        let Some((parts, hashed)) = &mut self.unhashed else {
+            return false;
+        };
+        let (from, to) = (*hashed, parts.shaped.len().min(*hashed + HASH_AHEAD));
+        let shaped = &parts.shaped[from..to];
+        // A mismatch until its digest says otherwise: the safe side.
+        for &i in shaped {
+            self.verdicts[i] = Some(Some(false));
+        }
+        let trailers = &parts.trailers[from..to];
+        md5_each(&parts.bodies[from..to], &mut |k, digest| {
+            self.verdicts[shaped[k]] = Some(Some(digest[..] == *trailers[k]));
+            true
+        });
+        *hashed = to;
+        from < to
     }
 
     /// The checksums of `parts` (the records' [`Aggregates`]) verified and the work shared
@@ -142,6 +161,7 @@ impl<'a> Deaggregating<'a> {
                 .take(records.len())
                 .collect(),
             helper: Some(helper),
+            unhashed: None,
         }
     }
 
@@ -220,8 +240,11 @@ impl Iterator for Deaggregating<'_> {
                         return Some(finish(data, verdict));
                     }
                 }
-                // While the verdict is awaited, split ahead.
+                // Alone, it is computed now; with the helper, split ahead while it is awaited.
                 None => {
+                    if self.hash_ahead() {
+                        continue;
+                    }
                     if let Some(k) = self.claim_front() {
                         self.split[k] = Some(finish(self.records[k].clone(), None));
                         continue;
@@ -452,5 +475,59 @@ impl<'a> Aggregates<'a> {
     /// The bytes to hash.
     fn body_bytes(&self) -> usize {
         self.bodies.iter().map(|body| body.len()).sum()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kpl::{Aggregator, deaggregate};
+
+    /// 150 small aggregates, their MD5 trailers wrong on both sides of each chunk's edge.
+    fn batch() -> Vec<Bytes> {
+        (0..150)
+            .map(|i| {
+                let mut agg = Aggregator::new();
+                agg.add(&format!("k{i}"), None, vec![i as u8; 10]).unwrap();
+                let data = agg.finish().unwrap().data;
+                if [0, 63, 64, 127, 128, 149].contains(&i) {
+                    let mut bad = data.to_vec();
+                    *bad.last_mut().unwrap() ^= 1;
+                    return bad.into();
+                }
+                data
+            })
+            .collect()
+    }
+
+    fn hashed(d: &Deaggregating<'_>) -> usize {
+        d.unhashed.as_ref().map_or(0, |(_, n)| *n)
+    }
+
+    #[test]
+    fn alone_the_checksums_are_computed_a_chunk_ahead_of_the_caller() {
+        let records = batch();
+        let mut each = Deaggregating::alone(&records, Some(Aggregates::of(&records)));
+        assert_eq!(hashed(&each), 0);
+        each.next();
+        assert_eq!(hashed(&each), HASH_AHEAD);
+        for _ in 1..HASH_AHEAD {
+            each.next();
+        }
+        assert_eq!(hashed(&each), HASH_AHEAD);
+        each.next();
+        assert_eq!(hashed(&each), 2 * HASH_AHEAD);
+        // Every verdict is the one a record alone gets, across the chunks' edges.
+        let rest: Vec<_> = each.collect();
+        let expected: Vec<_> = records[HASH_AHEAD + 1..]
+            .iter()
+            .map(|r| deaggregate(r.clone()))
+            .collect();
+        assert_eq!(rest, expected);
+        let all: Vec<_> = Deaggregating::alone(&records, Some(Aggregates::of(&records))).collect();
+        let mismatches: Vec<usize> = (0..all.len())
+            .filter(|&i| matches!(all[i], Ok(Deaggregated::ChecksumMismatch(_))))
+            .collect();
+        assert_eq!(mismatches, [0, 63, 64, 127, 128, 149]);
     }
 }
