@@ -23,6 +23,10 @@ decoding), and the release binary through a local Runtime API (the body sent ove
 included), on one core and on two: time per event and peak RSS (median, highest), and its
 start-up to the first Runtime API request.
 
+Then the worst cases for memory (tiny user records filling a 6 MB event), through the Runtime
+API in both modes: peak RSS; and the concurrent mode against the ordered one on a transform
+that awaits 10 ms per user record (benches/concurrency.rs).
+
 Table 3: a stricter bound for the aggregated workloads, their MD5s alone (as if base64 cost
 nothing: our own decoder, AVX-512 VBMI where the CPU has it, is faster than binascii and
 Buffer), with ours on one core and on two against it.
@@ -100,6 +104,22 @@ def generate():
         paths[name] = os.path.join(OUT, f"{name}.json")
         with open(paths[name], "w") as f:
             f.write(text)
+    return paths
+
+
+def worst_cases():
+    """Events of empty user records as close to the 6 MB payload limit as base64 allows: one
+    4.4 MB aggregate with one key, the same with distinct keys, and 1 MiB aggregates."""
+    cases = {"one aggregate, one key": (4_400_000, lambda i: "k", 1),
+             "one aggregate, distinct keys": (4_400_000, lambda i: f"{i:x}", 1),
+             "1 MiB aggregates": (1 << 20, lambda i: "k", 4)}
+    paths = {}
+    for name, (size, key, n) in cases.items():
+        lines = "".join(json.dumps({"partitionKey": key(i), "text": ""}) + "\n" for i in range(800_000))
+        event = keep(sh([DEAGG, "aggregate", "--max-size", str(size)], input=lines), n)
+        paths[name] = os.path.join(OUT, "worst-" + name.replace(" ", "-").replace(",", "") + ".json")
+        with open(paths[name], "w") as f:
+            f.write(event)
     return paths
 
 
@@ -229,6 +249,27 @@ def main():
     starts = sorted(r["api"][name]["startup_ms"] for r in rounds for name in paths)
     print(f"start-up to the first Runtime API request: median {statistics.median(starts):.1f} ms "
           f"of {len(starts)} spawns (min {starts[0]:.1f}, max {starts[-1]:.1f})")
+    print()
+    worst = worst_cases()
+    print("worst cases for memory, through the Runtime API: peak RSS (VmHWM) MB, ms per event")
+    print(f"{'event':30} {'user recs':>9} | {'ordered 1 core':>16} {'ordered 2 cores':>16} | "
+          f"{'concurrent 1':>16} {'concurrent 2':>16}")
+    users = run(["cargo", "bench", "--quiet", "--bench", "workloads", "--"], worst)
+    cells = {name: [] for name in worst}
+    for mode in ["ordered", "concurrent"]:
+        env = dict(os.environ, DEAGG_MODE=mode)
+        for flags in [[], ["--two-cores"]]:
+            out = sh([sys.executable, "tools/bench/runtime_api.py", *flags, DEAGG, *worst.values()], cwd=ROOT, env=env)
+            by_file = {json.loads(l)["file"]: json.loads(l) for l in out.splitlines() if l.startswith("{")}
+            for name, path in worst.items():
+                r = by_file[path]
+                cells[name].append(f"{r['peak_rss_mb']:>6.1f} MB {r['median_ms']:>5.0f} ms")
+    for name in worst:
+        print(f"{name:30} {users[name]['user_records']:>9} | " + " ".join(cells[name][:2]) + " | " + " ".join(cells[name][2:]))
+    print()
+    c = json.loads(sh(["cargo", "bench", "--quiet", "--bench", "concurrency"], cwd=ROOT).splitlines()[-1])
+    print(f"a transform awaiting {c['wait_ms']} ms per user record, {c['user_records']} W1-like user records: "
+          f"ordered {c['ordered_per_s']:.0f}/s, concurrent (8) {c['concurrent_8_per_s']:.0f}/s, {c['ratio']:.2f}x")
     print()
     print(f"200 billion user records a month like W1's, x86_64, 1,769 MB, ${PRICE_GB_S}/GB-s + $0.20 per million requests:")
     users = ours["W1"]["user_records"]
