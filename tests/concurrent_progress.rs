@@ -84,8 +84,11 @@ async fn retries(keys: usize, mode: Mode, cost: Cost, budget: Duration) -> (Vec<
 static WALL_CLOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 fn assert_progress(keys: usize, cost: Cost, budget: Duration) -> (Vec<usize>, Vec<usize>, usize) {
-    let _alone = matches!(cost, Cost::Blocking(_))
-        .then(|| WALL_CLOCK.lock().unwrap_or_else(std::sync::PoisonError::into_inner));
+    let _alone = matches!(cost, Cost::Blocking(_)).then(|| {
+        WALL_CLOCK
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    });
     let rt = || {
         tokio::runtime::Builder::new_current_thread()
             .enable_time()
