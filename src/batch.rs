@@ -38,6 +38,17 @@ pub enum OnCorrupt {
     Skip,
 }
 
+impl std::fmt::Display for OnCorrupt {
+    /// The setting's value, as `DEAGG_ON_CORRUPT` takes it (`fail`, `passthrough`, `skip`).
+    fn fmt(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str(match self {
+            OnCorrupt::Fail => "fail",
+            OnCorrupt::Passthrough => "passthrough",
+            OnCorrupt::Skip => "skip",
+        })
+    }
+}
+
 /// How user records are scheduled (`DEAGG_MODE`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum Mode {
@@ -134,7 +145,7 @@ fn unpack_from(
             kind,
         };
         let action = settings.on_corrupt;
-        tracing::error!(sequence_number = %seq, action = ?action, "{error}");
+        tracing::error!(sequence_number = %seq, action = %action, "{error}");
         let user_records = match action {
             OnCorrupt::Passthrough => UserRecords::one(UserRecord::plain_shared(
                 Arc::from(&*record.partition_key),
@@ -251,6 +262,36 @@ pub enum StopReason {
     },
     /// Too little time was left.
     Deadline,
+}
+
+impl std::fmt::Display for StopReason {
+    /// A sentence for the log: `transform failed on user record 3: <its error>`.
+    fn fmt(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        let user_record = |f: &mut std::fmt::Formatter, sub: &Option<u64>| match sub {
+            Some(sub) => write!(f, " on user record {sub}"),
+            None => Ok(()),
+        };
+        match self {
+            StopReason::Corrupt(e) => write!(f, "corrupt record: {}", e.kind),
+            StopReason::TransformError {
+                sub_sequence_number,
+                message,
+            } => {
+                f.write_str("transform failed")?;
+                user_record(f, sub_sequence_number)?;
+                write!(f, ": {message}")
+            }
+            StopReason::TransformPanic {
+                sub_sequence_number,
+                message,
+            } => {
+                f.write_str("transform panicked")?;
+                user_record(f, sub_sequence_number)?;
+                write!(f, ": {message}")
+            }
+            StopReason::Deadline => f.write_str("deadline margin reached"),
+        }
+    }
 }
 
 /// The first Kinesis record not fully processed, which is what Lambda is told.
@@ -464,7 +505,7 @@ pub(crate) async fn process_verified<T: Transform>(
     if let Some(f) = &failure {
         tracing::warn!(
             sequence_number = %f.sequence_number,
-            reason = ?f.reason,
+            reason = %f.reason,
             "reporting record {} as the batch item failure; Lambda retries from it",
             f.sequence_number
         );

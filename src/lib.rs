@@ -6,6 +6,7 @@ pub mod batch;
 pub mod event;
 pub mod kpl;
 pub mod lambda;
+pub mod logging;
 mod lookahead;
 pub mod memory;
 pub mod metrics;

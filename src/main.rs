@@ -315,8 +315,8 @@ fn read_event(file: Option<PathBuf>) -> Result<KinesisEvent, Error> {
     KinesisEvent::from_slice(&bytes).map_err(|e| format!("{name}: {e}").into())
 }
 
-/// Logs to stderr (stdout is for responses and `echo`), JSON when Lambda's log format says so,
-/// at the level of `AWS_LAMBDA_LOG_LEVEL`, else `RUST_LOG`, else info.
+/// Logs to stderr (stdout is for responses and `echo`), JSON when Lambda's log format says so
+/// (else text with control characters escaped, see [`kinesis_deagg::logging`]), at the level of `AWS_LAMBDA_LOG_LEVEL`, else `RUST_LOG`, else info.
 fn init_logging() {
     use tracing_subscriber::EnvFilter;
     let level = std::env::var("AWS_LAMBDA_LOG_LEVEL")
@@ -337,6 +337,10 @@ fn init_logging() {
             .with_span_list(true)
             .init();
     } else {
-        builder.with_ansi(std::io::stderr().is_terminal()).init();
+        // Each line is an event: no record data may break one or reach a terminal as is.
+        builder
+            .fmt_fields(kinesis_deagg::logging::TextFields)
+            .with_ansi(std::io::stderr().is_terminal())
+            .init();
     }
 }

@@ -262,7 +262,8 @@ impl Transform for BuiltinTransform {
                     partition_key = record.partition_key(),
                     explicit_hash_key = record.explicit_hash_key(),
                     bytes = record.data().len(),
-                    data = %show(record.data(), self.log_max_bytes),
+                    // A string, so that text logs quote it (and escape what it holds).
+                    data = show(record.data(), self.log_max_bytes).as_str(),
                     "user record"
                 );
             }
