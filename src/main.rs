@@ -78,9 +78,9 @@ struct AggregateArgs {
     /// Largest aggregate in bytes (data plus outer partition key).
     #[arg(long, default_value_t = 1024 * 1024)]
     max_size: usize,
-    /// At most this many user records per aggregate.
-    #[arg(long)]
-    per_aggregate: Option<usize>,
+    /// At most this many user records per aggregate (at least 1).
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    per_aggregate: Option<u64>,
     /// Shard id written in each record's `eventID`.
     #[arg(long, default_value = "shardId-000000000000")]
     shard_id: String,
@@ -236,7 +236,7 @@ fn aggregate(args: AggregateArgs) -> Result<ExitCode, Error> {
         }
         if args
             .per_aggregate
-            .is_some_and(|max| aggregator.len() >= max)
+            .is_some_and(|max| aggregator.len() as u64 >= max)
         {
             flush(&mut aggregator, &mut out);
         }

@@ -107,6 +107,21 @@ fn aggregate_names_the_line_it_cannot_read() {
 }
 
 #[test]
+fn aggregate_refuses_zero_user_records_per_aggregate() {
+    let line = "{\"partitionKey\":\"a\",\"text\":\"ok\"}\n";
+    let out = run(&["aggregate", "--per-aggregate", "0"], line);
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("--per-aggregate") && err.contains("1.."),
+        "{err}"
+    );
+    assert!(out.stdout.is_empty());
+    let out = run(&["aggregate", "--per-aggregate", "1"], line);
+    assert!(out.status.success());
+}
+
+#[test]
 fn invoke_prints_the_response_as_the_last_line_and_exits_0_on_failures() {
     let event = event_json(vec![plain("1", "k", b"{}"), plain("2", "k", b"nope")]).to_string();
     let out = run(
