@@ -176,3 +176,139 @@ async fn every_truncation_of_an_event_is_an_error_or_a_valid_event() {
     assert!(errors > full.len() / 2);
     assert_eq!(outcome(&full).await, Ok(vec![]));
 }
+
+/// The reported identifiers of `json` read each way: `from_slice` and `from_owned` (the fast
+/// path, which gives up on what it does not read itself) and serde alone (the lenient path).
+async fn outcomes(json: &str) -> [Result<Vec<String>, String>; 3] {
+    let ids = |event: Result<KinesisEvent, String>| async move {
+        let response = processor().handle(&event?, None).await.response();
+        let ids = response.batch_item_failures.into_iter();
+        Ok(ids.map(|f| f.item_identifier.unwrap()).collect())
+    };
+    let fast = KinesisEvent::from_slice(json.as_bytes()).map_err(|e| e.to_string());
+    let owned = KinesisEvent::from_owned(json.as_bytes()).map_err(|e| e.to_string());
+    let serde = serde_json::from_str::<KinesisEvent>(json).map_err(|e| e.to_string());
+    [ids(fast).await, ids(owned).await, ids(serde).await]
+}
+
+/// Three good records (41, 42, 43) but for `field` of 42 (`outer.name` or `name`): written
+/// twice, or given the JSON text `value`.
+fn with_field(field: &str, value: Option<&str>) -> String {
+    let mut record = plain("42", "k", b"{}");
+    let (outer, name) = field
+        .split_once('.')
+        .map_or((None, field), |(o, n)| (Some(o), n));
+    let object = match outer {
+        Some(outer) => &mut record[outer],
+        None => &mut record,
+    };
+    let key = format!("\"{name}\":");
+    let text = match value {
+        None => {
+            let twice = format!("{key}{},{key}", object[name]);
+            record.to_string().replacen(&key, &twice, 1)
+        }
+        Some(value) => {
+            object[name] = json!("__BAD__");
+            record.to_string().replacen("\"__BAD__\"", value, 1)
+        }
+    };
+    format!(
+        r#"{{"Records":[{},{text},{}]}}"#,
+        plain("41", "k", b"{}"),
+        plain("43", "k", b"{}")
+    )
+}
+
+#[tokio::test]
+async fn a_field_twice_or_a_lone_surrogate_fails_that_record_not_the_event() {
+    let reported = Ok(vec!["42".to_string()]);
+    let fields = [
+        "kinesis.partitionKey",
+        "kinesis.data",
+        "kinesis.approximateArrivalTimestamp",
+        "eventID",
+        "eventSourceARN",
+    ];
+    for field in fields {
+        let json = with_field(field, None);
+        assert_eq!(
+            json.matches(field.rsplit('.').next().unwrap()).count(),
+            4,
+            "{json}"
+        );
+        for got in outcomes(&json).await {
+            assert_eq!(got, reported, "{field} twice: {json}");
+        }
+    }
+    for field in ["kinesis.partitionKey", "kinesis.data", "eventID"] {
+        for surrogate in [r#""\ud800""#, r#""a\udc00b""#, r#""\ud800\ud800""#] {
+            let json = with_field(field, Some(surrogate));
+            for got in outcomes(&json).await {
+                assert_eq!(got, reported, "{field} {surrogate}: {json}");
+            }
+        }
+    }
+    // In a key too; in a field no one reads it troubles no one.
+    let json = with_field("eventName", Some("\"x\""));
+    let json = json.replacen(r#""eventName":"x""#, r#""event\ud800Name":"x""#, 1);
+    assert!(json.contains(r#""event\ud800Name":"x""#));
+    for got in outcomes(&json).await {
+        assert_eq!(got, reported, "{json}");
+    }
+    for field in ["eventName", "kinesis.x"] {
+        let json = with_field(field, Some(r#""\udfff""#));
+        for got in outcomes(&json).await {
+            assert_eq!(got, Ok(vec![]), "{json}");
+        }
+    }
+    // The message says what serde said, and the data is unusable: under passthrough the
+    // record is delivered empty, under skip it is dropped.
+    let json = with_field("kinesis.data", None);
+    let event = KinesisEvent::from_slice(json.as_bytes()).unwrap();
+    let bad = event.records[1].data.as_ref().unwrap_err();
+    assert_eq!(
+        bad.message,
+        "the record cannot be read: duplicate field `data`"
+    );
+    assert_eq!(&*event.records[1].sequence_number, "42");
+}
+
+#[tokio::test]
+async fn a_sequence_number_twice_or_unreadable_still_fails_the_event() {
+    let twice = with_field("kinesis.sequenceNumber", None);
+    let surrogate = with_field("kinesis.sequenceNumber", Some(r#""42\ud800""#));
+    let kinesis_twice = with_field("kinesis", None);
+    let get_records = r#"{"Records":[{"SequenceNumber":"1","SequenceNumber":"2","Data":""}]}"#;
+    for (json, says) in [
+        (&twice[..], "`sequenceNumber` appears more than once"),
+        (&surrogate, "its sequence number cannot be read"),
+        (&kinesis_twice, "`kinesis` appears more than once"),
+        (get_records, "`SequenceNumber` appears more than once"),
+    ] {
+        let [fast, owned, serde] = outcomes(json).await.map(Result::unwrap_err);
+        for err in [fast, owned] {
+            assert!(err.starts_with("not a Kinesis event"), "{err}");
+        }
+        assert!(serde.contains("record ") && serde.contains(says), "{serde}");
+    }
+}
+
+#[tokio::test]
+async fn other_event_sources_are_named() {
+    let sqs = r#"{"Records":[{"messageId":"059f36b4","receiptHandle":"AQEB","body":"hi",
+        "attributes":{},"messageAttributes":{},"md5OfBody":"x","eventSource":"aws:sqs",
+        "eventSourceARN":"arn:aws:sqs:us-east-1:1:q","awsRegion":"us-east-1"}]}"#;
+    let dynamodb = r#"{"Records":[{"eventID":"1","eventName":"INSERT","eventVersion":"1.0",
+        "eventSource":"aws:dynamodb","awsRegion":"us-east-1","dynamodb":{"Keys":{"Id":{"N":"101"}},
+        "SequenceNumber":"111","SizeBytes":26,"StreamViewType":"NEW_AND_OLD_IMAGES"}}]}"#;
+    for (json, source) in [(sqs, "aws:sqs"), (dynamodb, "aws:dynamodb")] {
+        for got in outcomes(json).await {
+            let err = got.unwrap_err();
+            let says = format!(
+                "record 0: `eventSource` is {source}: only Kinesis events (aws:kinesis) are handled"
+            );
+            assert!(err.contains(&says), "{err}");
+        }
+    }
+}

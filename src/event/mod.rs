@@ -29,6 +29,7 @@ use serde::{Deserialize, Deserializer};
 
 mod decode;
 mod fast;
+mod salvage;
 // Allowed `unsafe`: SIMD intrinsics, see its docs.
 #[allow(unsafe_code)]
 mod vbmi;
@@ -92,8 +93,10 @@ impl KinesisEvent {
     /// # Errors
     ///
     /// When the bytes are not JSON, have no `Records` array, or a record has no sequence
-    /// number (Lambda could not be told which record failed, so the only safe answer is to
-    /// fail the invocation).
+    /// number, or one given twice or unreadable (Lambda could not be told which record failed,
+    /// so the only safe answer is to fail the invocation; the message names the event source
+    /// of a record from another one, SQS say). A record otherwise unreadable (a field twice, a
+    /// lone surrogate escape) is read with its `data` unusable: see `salvage.rs`.
     ///
     /// # Examples
     ///
@@ -318,9 +321,10 @@ impl<'de> Deserialize<'de> for Records {
                 let mut records = Vec::with_capacity(seq.size_hint().unwrap_or(0));
                 let mut texts = Vec::with_capacity(records.capacity());
                 let mut repeated = Repeated::default();
-                while let Some(raw) = seq.next_element::<Lenient<RawRecord>>()? {
+                while let Some(slot) = seq.next_element::<salvage::Slot>()? {
                     let i = records.len();
-                    let (mut record, borrowed) = EventRecord::from_raw(raw, &mut repeated)
+                    let (mut record, borrowed) = slot
+                        .read(&mut repeated)
                         .map_err(|e| A::Error::custom(format!("record {i}: {e}")))?;
                     borrowed.copy_strings_into(&mut record);
                     records.push(record);
@@ -675,6 +679,15 @@ struct Borrowed<'a> {
 }
 
 impl Borrowed<'_> {
+    /// The same, owning what it borrowed.
+    fn into_owned(self) -> Borrowed<'static> {
+        Borrowed {
+            sequence_number: Cow::Owned(self.sequence_number.into_owned()),
+            partition_key: Cow::Owned(self.partition_key.into_owned()),
+            data: self.data.map(|Text(t)| Text(Cow::Owned(t.into_owned()))),
+        }
+    }
+
     /// Gives `record` copies of its strings.
     fn copy_strings_into(&self, record: &mut EventRecord) {
         record.sequence_number = copy_str(&self.sequence_number);
