@@ -272,6 +272,10 @@ async fn a_field_twice_or_a_lone_surrogate_fails_that_record_not_the_event() {
         "the record cannot be read: duplicate field `data`"
     );
     assert_eq!(&*event.records[1].sequence_number, "42");
+    let json = with_field("kinesis.partitionKey", Some(r#""\ud800""#));
+    let event = KinesisEvent::from_slice(json.as_bytes()).unwrap();
+    let bad = event.records[1].data.as_ref().unwrap_err();
+    assert!(bad.message.contains("lone surrogate"), "{}", bad.message);
 }
 
 #[tokio::test]

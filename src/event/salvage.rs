@@ -154,7 +154,7 @@ fn salvage<'a>(
         sequence_number: super::ByteString::new(),
         partition_key: super::ByteString::new(),
         data: Err(BadData {
-            message: format!("the record cannot be read: {}", without_position(error)),
+            message: format!("the record cannot be read: {}", reason(error)),
             raw: Bytes::new(),
         }),
         approximate_arrival: None,
@@ -167,6 +167,16 @@ fn salvage<'a>(
         data: None,
     };
     Ok((record, borrowed))
+}
+
+/// What serde_json says is wrong, in words a user knows: its surrogate messages (`unexpected
+/// end of hex escape` for `"\ud800"`) name the lone surrogate.
+fn reason(e: &serde_json::Error) -> String {
+    let why = without_position(e);
+    match why.contains("surrogate") || why.contains("hex escape") {
+        true => format!("a string holds a lone surrogate escape ({why})"),
+        false => why,
+    }
 }
 
 /// serde_json's message without its ` at line 1 column 80`: the place is in the record's text,
