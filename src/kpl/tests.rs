@@ -618,3 +618,32 @@ fn a_protobuf_error_names_the_user_record_and_what_is_wrong() {
         "{err}"
     );
 }
+
+#[test]
+fn large_aggregates_are_counted_right_before_they_are_read() {
+    // Lengths of one, two and three bytes, key table entries, and an unknown varint field
+    // (whose key the quick pass does not know: the general decoding takes over).
+    static BIG: [u8; 20_000] = [7; 20_000];
+    let datas: [&'static [u8]; 4] = [b"", &BIG[..100], &BIG[..], b"x"];
+    let mut body = Pb {
+        partition_key_table: vec![Bytes::from_static(b"k"); 3],
+        explicit_hash_key_table: vec![],
+        records: datas
+            .iter()
+            .map(|d| record(Some(0), None, Some(d)))
+            .collect(),
+    }
+    .encode_to_vec();
+    assert_eq!(wire::count_records(&body), 4);
+    body.extend([0x28, 0x01]); // field 5, varint 1
+    body.extend(
+        Pb {
+            records: vec![record(Some(0), None, Some(b"y")); 2],
+            ..Pb::default()
+        }
+        .encode_to_vec(),
+    );
+    assert_eq!(wire::count_records(&body), 6);
+    // Truncated in a record's length: what it read.
+    assert_eq!(wire::count_records(&body[..body.len() - 2]), 6);
+}

@@ -236,16 +236,8 @@ pub(super) fn read_aggregate(body: &[u8]) -> Result<RawAggregate, String> {
             2 => aggregate.explicit_hash_key_table.push(range),
             _ => {
                 let n = aggregate.records.len();
-                let (record, indices) = read_record(body, range, depth - 1)
+                let record = read_record(body, range, depth - 1, &mut aggregate.first_huge)
                     .map_err(|e| format!("user record {n}: {e}"))?;
-                let fields = [record.partition_key_index, record.explicit_hash_key_index];
-                for ((first, field), index) in
-                    aggregate.first_huge.iter_mut().zip(fields).zip(indices)
-                {
-                    if field == HUGE && first.is_none() {
-                        *first = Some(index);
-                    }
-                }
                 aggregate.records.push(record);
             }
         }
@@ -258,8 +250,25 @@ pub(super) fn read_aggregate(body: &[u8]) -> Result<RawAggregate, String> {
 const COUNT_FIRST_BYTES: usize = 256 * 1024;
 
 /// The number of top-level `records` fields of `body`, as far as it reads.
-fn count_records(body: &[u8]) -> usize {
+pub(super) fn count_records(body: &[u8]) -> usize {
     let (mut reader, mut n) = (Reader::new(body, 0..body.len()), 0);
+    // The fields of an aggregate are all length-delimited and numbered 1 to 3 (one-byte
+    // keys), and most are shorter than 16 KiB (one- or two-byte lengths): those are skipped
+    // here, the rest by the general decoding below. (A field that runs past the end is
+    // counted: the count only sizes a reservation.)
+    let mut pos = 0;
+    while let Some(&key @ (0x0A | 0x12 | 0x1A)) = body.get(pos) {
+        let (len, used) = match body.get(pos + 1..) {
+            Some(&[low, ..]) if low < 0x80 => (usize::from(low), 1),
+            Some(&[low, high, ..]) if high < 0x80 => {
+                (usize::from(low & 0x7F) | usize::from(high) << 7, 2)
+            }
+            _ => break,
+        };
+        n += usize::from(key == 0x1A);
+        pos += 1 + used + len;
+    }
+    reader.pos = pos;
     while reader.has_more() {
         let Ok((tag, wire_type)) = reader.key() else {
             break;
@@ -277,29 +286,32 @@ fn index(value: u64) -> u32 {
     u32::try_from(value).map_or(HUGE, |v| v.min(HUGE))
 }
 
-/// A record, and its two indices as read (0 when absent).
+/// A record; an index kept as [`HUGE`] is noted in `first_huge` (by field) if it is the first.
 fn read_record(
     body: &[u8],
     range: Range<usize>,
     depth: u32,
-) -> Result<(RawRecord, [u64; 2]), String> {
+    first_huge: &mut [Option<u64>; 2],
+) -> Result<RawRecord, String> {
     let mut record = RawRecord {
         partition_key_index: ABSENT,
         explicit_hash_key_index: ABSENT,
         data_start: ABSENT,
         data_end: ABSENT,
     };
-    let mut indices = [0; 2];
     Reader::new(body, range).fields(depth, |r, tag, wire_type| {
         match tag {
             1 | 2 => {
                 expect(tag, wire_type, WireType::Varint)?;
                 let value = r.varint()?;
-                indices[tag as usize - 1] = value;
+                let kept = index(value);
+                if kept == HUGE {
+                    first_huge[tag as usize - 1].get_or_insert(value);
+                }
                 if tag == 1 {
-                    record.partition_key_index = index(value);
+                    record.partition_key_index = kept;
                 } else {
-                    record.explicit_hash_key_index = index(value);
+                    record.explicit_hash_key_index = kept;
                 }
             }
             3 => {
@@ -327,5 +339,5 @@ fn read_record(
         }
         Ok(true)
     })?;
-    Ok((record, indices))
+    Ok(record)
 }
