@@ -97,7 +97,11 @@ bench: deps ## The handler vs the official deaggregators and the MD5+base64 boun
 bench-kpl: ## Criterion benchmarks of deaggregation and the handler (benches/deaggregate.rs).
 	cargo bench --bench deaggregate
 
+CARGO_FUZZ_VERSION := 0.13.1
+
 fuzz: ## Fuzz the deaggregator, the event parser and md5_many, FUZZ_SECONDS each (cargo +nightly fuzz).
+	@cargo fuzz --version 2>/dev/null | grep -q '$(CARGO_FUZZ_VERSION)' || \
+	  cargo install cargo-fuzz --version $(CARGO_FUZZ_VERSION) --locked
 	for t in deaggregate event md5_many; do \
 	  mkdir -p fuzz/corpus/$$t && \
 	  (cd fuzz && cargo +nightly fuzz run -O $$t corpus/$$t seeds/$$t -- -max_total_time=$(FUZZ_SECONDS)) || exit 1; \

@@ -192,6 +192,33 @@ def run(cmd, paths, cores=ONE_CORE):
     return {name: by_file[p] for name, p in paths.items()}
 
 
+def print_worst_cases():
+    """The worst cases for memory through the Runtime API, in both modes, on one core and two."""
+    worst = worst_cases()
+    print("worst cases for memory, through the Runtime API: peak RSS (VmHWM) MB, ms per event")
+    print(f"{'event':30} {'user recs':>9} | {'ordered 1 core':>16} {'ordered 2 cores':>16} | "
+          f"{'concurrent 1':>16} {'concurrent 2':>16}")
+    users = run(["cargo", "bench", "--quiet", "--bench", "workloads", "--"], worst)
+    cells = {name: [] for name in worst}
+    for mode in ["ordered", "concurrent"]:
+        env = dict(os.environ, DEAGG_MODE=mode)
+        for flags in [[], ["--two-cores"]]:
+            out = sh([sys.executable, "tools/bench/runtime_api.py", *flags, DEAGG, *worst.values()], cwd=ROOT, env=env)
+            by_file = {json.loads(l)["file"]: json.loads(l) for l in out.splitlines() if l.startswith("{")}
+            for name, path in worst.items():
+                r = by_file[path]
+                cells[name].append(f"{r['peak_rss_mb']:>6.1f} MB {r['median_ms']:>5.0f} ms")
+    for name in worst:
+        print(f"{name:30} {users[name]['user_records']:>9} | " + " ".join(cells[name][:2]) + " | " + " ".join(cells[name][2:]))
+
+
+def print_concurrency():
+    """benches/concurrency.rs: a transform that awaits, ordered vs concurrent."""
+    c = json.loads(sh(["cargo", "bench", "--quiet", "--bench", "concurrency"], cwd=ROOT).splitlines()[-1])
+    print(f"a transform awaiting {c['wait_ms']} ms per user record, {c['user_records']} W1-like user records: "
+          f"ordered {c['ordered_per_s']:.0f}/s, concurrent (8) {c['concurrent_8_per_s']:.0f}/s, {c['ratio']:.2f}x")
+
+
 def main():
     subprocess.run(["cargo", "build", "--release", "--quiet"], cwd=ROOT, check=True)
     paths = generate()
@@ -250,26 +277,8 @@ def main():
     print(f"start-up to the first Runtime API request: median {statistics.median(starts):.1f} ms "
           f"of {len(starts)} spawns (min {starts[0]:.1f}, max {starts[-1]:.1f})")
     print()
-    worst = worst_cases()
-    print("worst cases for memory, through the Runtime API: peak RSS (VmHWM) MB, ms per event")
-    print(f"{'event':30} {'user recs':>9} | {'ordered 1 core':>16} {'ordered 2 cores':>16} | "
-          f"{'concurrent 1':>16} {'concurrent 2':>16}")
-    users = run(["cargo", "bench", "--quiet", "--bench", "workloads", "--"], worst)
-    cells = {name: [] for name in worst}
-    for mode in ["ordered", "concurrent"]:
-        env = dict(os.environ, DEAGG_MODE=mode)
-        for flags in [[], ["--two-cores"]]:
-            out = sh([sys.executable, "tools/bench/runtime_api.py", *flags, DEAGG, *worst.values()], cwd=ROOT, env=env)
-            by_file = {json.loads(l)["file"]: json.loads(l) for l in out.splitlines() if l.startswith("{")}
-            for name, path in worst.items():
-                r = by_file[path]
-                cells[name].append(f"{r['peak_rss_mb']:>6.1f} MB {r['median_ms']:>5.0f} ms")
-    for name in worst:
-        print(f"{name:30} {users[name]['user_records']:>9} | " + " ".join(cells[name][:2]) + " | " + " ".join(cells[name][2:]))
-    print()
-    c = json.loads(sh(["cargo", "bench", "--quiet", "--bench", "concurrency"], cwd=ROOT).splitlines()[-1])
-    print(f"a transform awaiting {c['wait_ms']} ms per user record, {c['user_records']} W1-like user records: "
-          f"ordered {c['ordered_per_s']:.0f}/s, concurrent (8) {c['concurrent_8_per_s']:.0f}/s, {c['ratio']:.2f}x")
+    print_worst_cases()
+    print_concurrency()
     print()
     print(f"200 billion user records a month like W1's, x86_64, 1,769 MB, ${PRICE_GB_S}/GB-s + $0.20 per million requests:")
     users = ours["W1"]["user_records"]
