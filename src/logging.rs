@@ -9,11 +9,48 @@
 //! format escapes them already, being JSON.)
 
 use std::fmt::{self, Write};
+use std::io::IsTerminal;
 
 use tracing::field::{Field, Visit};
 use tracing_subscriber::field::RecordFields;
 use tracing_subscriber::fmt::FormatFields;
 use tracing_subscriber::fmt::format::Writer;
+
+/// Sets up logging as Lambda expects it, for the whole process: to stderr (stdout is for
+/// metrics documents and responses), JSON when `AWS_LAMBDA_LOG_FORMAT=JSON` (what Lambda's
+/// `LoggingConfig` sets), else text with [`TextFields`]; at the level of
+/// `AWS_LAMBDA_LOG_LEVEL`, else the `tracing` filter in `RUST_LOG`, else `info`.
+///
+/// [`crate::main`] calls it; call it yourself in a `main` of your own. Only the first call
+/// (of this or any other `tracing` subscriber) takes effect.
+pub fn init() {
+    use tracing_subscriber::EnvFilter;
+    let level = std::env::var("AWS_LAMBDA_LOG_LEVEL")
+        .or_else(|_| std::env::var("RUST_LOG"))
+        .unwrap_or_else(|_| "info".into())
+        .to_lowercase()
+        // Lambda's levels include FATAL, which tracing calls error.
+        .replace("fatal", "error");
+    let filter = EnvFilter::try_new(&level).unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false);
+    let _ = if std::env::var("AWS_LAMBDA_LOG_FORMAT").is_ok_and(|f| f.eq_ignore_ascii_case("json"))
+    {
+        builder
+            .json()
+            .with_current_span(true)
+            .with_span_list(true)
+            .try_init()
+    } else {
+        // Each line is an event: no record data may break one or reach a terminal as is.
+        builder
+            .fmt_fields(TextFields)
+            .with_ansi(std::io::stderr().is_terminal())
+            .try_init()
+    };
+}
 
 /// Formats the fields of an event or span as the default text format does (`message
 /// name=value ...`, strings quoted), with control characters escaped (see the module docs).

@@ -1,20 +1,22 @@
 //! `kinesis-deagg`: the Lambda `bootstrap` inside Lambda, a command-line tool outside it.
 //!
-//! Only wiring lives here: settings to the library, and errors to the terminal.
+//! Only wiring lives here: the built-in transforms served by the library's entry point
+//! ([`kinesis_deagg::entry`]), and the `decode` and `aggregate` tools.
 
-use std::io::{IsTerminal, Read, Write};
+use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::time::{Duration, Instant};
 
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand};
+use kinesis_deagg::Settings;
 use kinesis_deagg::batch::{OnCorrupt, RecordOutcome, unpack};
+use kinesis_deagg::entry::{self, Invoke, read_event, read_input};
 use kinesis_deagg::event::KinesisEvent;
 use kinesis_deagg::kpl::{AggregatedRecord, Aggregator};
+use kinesis_deagg::settings::BuiltinSettings;
 use kinesis_deagg::transform::{BuiltinTransform, decode_line};
-use kinesis_deagg::{Processor, Settings};
 use serde_json::{Value, json};
 
 /// Deaggregates KPL records in Kinesis Lambda events and reports partial batch failures.
@@ -30,26 +32,18 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// invoke: run the Lambda handler in-process on an event and print its response as the
-    /// last line of stdout.
-    Invoke {
-        /// Lambda Kinesis event JSON; `-` or nothing for stdin.
-        file: Option<PathBuf>,
-        /// Pretend the invocation has this many milliseconds left (to try the deadline).
-        #[arg(long)]
-        remaining_time_ms: Option<u64>,
-        #[command(flatten)]
-        settings: Settings,
-    },
-    /// decode: print one JSON line per user record of an event or of `aws kinesis
-    /// get-records` output (exit 1 when a record is reported as failed).
+    /// Run the Lambda handler in-process on an event and print its response as the last line
+    /// of stdout.
+    Invoke(Invoke<BuiltinSettings>),
+    /// Print one JSON line per user record of an event or of `aws kinesis get-records` output
+    /// (exit 1 when a record is reported as failed).
     Decode {
         /// Event or get-records JSON; `-` or nothing for stdin.
         file: Option<PathBuf>,
         #[command(flatten)]
         settings: DecodeSettings,
     },
-    /// aggregate: build a Lambda Kinesis event from JSON lines of user records.
+    /// Build a Lambda Kinesis event from JSON lines of user records.
     ///
     /// Each line: `partitionKey`, optional `explicitHashKey`, and `data` (standard base64) or
     /// `text` (UTF-8); `"plain": true` puts that user record in a Kinesis record of its own,
@@ -61,7 +55,13 @@ enum Command {
 #[derive(Args)]
 struct DecodeSettings {
     /// What happens to invalid base64 or a corrupt aggregate.
-    #[arg(long, env = "DEAGG_ON_CORRUPT", value_enum, default_value = "fail")]
+    #[arg(
+        long,
+        env = "DEAGG_ON_CORRUPT",
+        value_enum,
+        ignore_case = true,
+        default_value = "fail"
+    )]
     on_corrupt: OnCorrupt,
     /// Verify each aggregate's MD5.
     #[arg(long, env = "DEAGG_VERIFY_CHECKSUM", default_value_t = true, action = clap::ArgAction::Set)]
@@ -101,12 +101,30 @@ struct AggregateArgs {
 
 fn main() -> ExitCode {
     kinesis_deagg::memory::retain_freed_memory();
-    let cli = Cli::parse();
-    init_logging();
-    match run(cli) {
+    kinesis_deagg::logging::init();
+    let mut command = Cli::command();
+    let cli = match command
+        .try_get_matches_from_mut(std::env::args_os())
+        .and_then(|m| Cli::from_arg_matches(&m))
+    {
+        Ok(cli) => cli,
+        Err(e) => return entry::flag_error(&e, &command),
+    };
+    let builtin = |b: BuiltinSettings| BuiltinTransform::new(b.transform, b.log_max_bytes);
+    let result = match cli.command {
+        None if entry::in_lambda() => return entry::lambda(builtin),
+        None => Err("not inside Lambda (AWS_LAMBDA_RUNTIME_API is not set); \
+             use a command, e.g. `kinesis-deagg invoke events/aggregated.json`, or see --help"
+            .into()),
+        Some(Command::Invoke(args)) => return entry::invoke(args, builtin),
+        Some(Command::Decode { file, settings }) => read_event(file.as_ref())
+            .map_err(Error::from)
+            .and_then(|e| decode(e, settings)),
+        Some(Command::Aggregate(args)) => aggregate(args),
+    };
+    match result {
         Ok(code) => code,
-        // A closed pipe (`decode ... | head`) is the reader's choice, not an error.
-        Err(e) if is_broken_pipe(&*e) => ExitCode::SUCCESS,
+        Err(e) if entry::is_broken_pipe(&*e) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("kinesis-deagg: {e}");
             ExitCode::from(2)
@@ -115,52 +133,6 @@ fn main() -> ExitCode {
 }
 
 type Error = Box<dyn std::error::Error + Send + Sync>;
-
-fn is_broken_pipe(e: &(dyn std::error::Error + 'static)) -> bool {
-    e.downcast_ref::<std::io::Error>()
-        .is_some_and(|e| e.kind() == std::io::ErrorKind::BrokenPipe)
-}
-
-fn run(cli: Cli) -> Result<ExitCode, Error> {
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
-    match cli.command {
-        None if std::env::var_os("AWS_LAMBDA_RUNTIME_API").is_some() => {
-            let settings = match Settings::from_env() {
-                Ok(settings) => settings,
-                Err(e) => {
-                    runtime.block_on(kinesis_deagg::runtime_api::report_init_error(
-                        &e.to_string(),
-                    ));
-                    return Err(e.into());
-                }
-            };
-            let transform = BuiltinTransform::new(settings.transform, settings.log_max_bytes);
-            runtime.block_on(kinesis_deagg::run(Processor::new(transform, settings)))?;
-            Ok(ExitCode::SUCCESS)
-        }
-        None => Err("not inside Lambda (AWS_LAMBDA_RUNTIME_API is not set); \
-             use a command, e.g. `kinesis-deagg invoke events/aggregated.json`, or see --help"
-            .into()),
-        Some(Command::Invoke {
-            file,
-            remaining_time_ms,
-            settings,
-        }) => {
-            let event = read_event(file)?;
-            let transform = BuiltinTransform::new(settings.transform, settings.log_max_bytes);
-            let processor = Processor::new(transform, settings);
-            let deadline = remaining_time_ms.map(|ms| Instant::now() + Duration::from_millis(ms));
-            let outcome = runtime.block_on(processor.handle(&event, deadline));
-            let mut out = std::io::stdout().lock();
-            writeln!(out, "{}", serde_json::to_string(&outcome.response())?)?;
-            Ok(ExitCode::SUCCESS)
-        }
-        Some(Command::Decode { file, settings }) => decode(read_event(file)?, settings),
-        Some(Command::Aggregate(args)) => aggregate(args),
-    }
-}
 
 fn decode(event: KinesisEvent, decode: DecodeSettings) -> Result<ExitCode, Error> {
     let settings = Settings {
@@ -290,57 +262,4 @@ fn aggregate(args: AggregateArgs) -> Result<ExitCode, Error> {
     serde_json::to_writer_pretty(&mut stdout, &json!({ "Records": records }))?;
     writeln!(stdout)?;
     Ok(ExitCode::SUCCESS)
-}
-
-fn read_input(file: Option<&PathBuf>) -> Result<Vec<u8>, Error> {
-    let mut buf = Vec::new();
-    match file {
-        Some(path) if path.as_os_str() != "-" => {
-            buf =
-                std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
-        }
-        _ => {
-            if std::io::stdin().is_terminal() {
-                return Err("no input: give a file, or pipe JSON into stdin".into());
-            }
-            std::io::stdin().read_to_end(&mut buf)?;
-        }
-    }
-    Ok(buf)
-}
-
-fn read_event(file: Option<PathBuf>) -> Result<KinesisEvent, Error> {
-    let bytes = read_input(file.as_ref())?;
-    let name = file.map_or("stdin".into(), |p| p.display().to_string());
-    KinesisEvent::from_slice(&bytes).map_err(|e| format!("{name}: {e}").into())
-}
-
-/// Logs to stderr (stdout is for responses and `echo`), JSON when Lambda's log format says so
-/// (else text with control characters escaped, see [`kinesis_deagg::logging`]), at the level of `AWS_LAMBDA_LOG_LEVEL`, else `RUST_LOG`, else info.
-fn init_logging() {
-    use tracing_subscriber::EnvFilter;
-    let level = std::env::var("AWS_LAMBDA_LOG_LEVEL")
-        .or_else(|_| std::env::var("RUST_LOG"))
-        .unwrap_or_else(|_| "info".into())
-        .to_lowercase()
-        // Lambda's levels include FATAL, which tracing calls error.
-        .replace("fatal", "error");
-    let filter = EnvFilter::try_new(&level).unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_target(false);
-    if std::env::var("AWS_LAMBDA_LOG_FORMAT").is_ok_and(|f| f.eq_ignore_ascii_case("json")) {
-        builder
-            .json()
-            .with_current_span(true)
-            .with_span_list(true)
-            .init();
-    } else {
-        // Each line is an event: no record data may break one or reach a terminal as is.
-        builder
-            .fmt_fields(kinesis_deagg::logging::TextFields)
-            .with_ansi(std::io::stderr().is_terminal())
-            .init();
-    }
 }

@@ -64,12 +64,9 @@ const NEXT_BACKOFF_MAX: Duration = Duration::from_secs(2);
 ///
 /// # Errors
 ///
-/// When the Runtime API asks the runtime to exit, or cannot be reached for `/next`.
-///
-/// # Panics
-///
-/// Outside Lambda: the `AWS_LAMBDA_*` variables it reads must be set, as with
-/// `lambda_runtime::run`.
+/// When the Runtime API asks the runtime to exit, or cannot be reached for `/next`; at once
+/// outside Lambda (`AWS_LAMBDA_RUNTIME_API` is not set: [`crate::main`] runs a sample event
+/// there instead).
 ///
 /// # Examples
 ///
@@ -90,9 +87,12 @@ const NEXT_BACKOFF_MAX: Duration = Duration::from_secs(2);
 /// }
 /// ```
 pub async fn run<T: Transform + 'static>(processor: Processor<T>) -> Result<(), Error> {
+    if std::env::var_os("AWS_LAMBDA_RUNTIME_API").is_none() {
+        return Err("not inside Lambda: AWS_LAMBDA_RUNTIME_API is not set".into());
+    }
     let api = Api {
         client: Client::builder().build()?,
-        config: Arc::new(lambda_runtime::Config::from_env()),
+        config: Arc::new(config()),
     };
     let loops = max_concurrency(std::env::var("AWS_LAMBDA_MAX_CONCURRENCY").ok().as_deref());
     if loops > 1 {
@@ -104,6 +104,19 @@ pub async fn run<T: Transform + 'static>(processor: Processor<T>) -> Result<(), 
     let serving = (0..loops).map(|_| api.serve(&processor));
     futures::future::try_join_all(serving).await?;
     Ok(())
+}
+
+/// The function's configuration from Lambda's variables (what `lambda_runtime::Config::from_env`
+/// reads, without its panic when one is missing: the context then has an empty value).
+fn config() -> lambda_runtime::Config {
+    let var = |name| std::env::var(name).unwrap_or_default();
+    lambda_runtime::Config {
+        function_name: var("AWS_LAMBDA_FUNCTION_NAME"),
+        memory: var("AWS_LAMBDA_FUNCTION_MEMORY_SIZE").parse().unwrap_or(0),
+        version: var("AWS_LAMBDA_FUNCTION_VERSION"),
+        log_stream: var("AWS_LAMBDA_LOG_STREAM_NAME"),
+        log_group: var("AWS_LAMBDA_LOG_GROUP_NAME"),
+    }
 }
 
 /// How many invocations to serve at once: `AWS_LAMBDA_MAX_CONCURRENCY` when it is a positive
