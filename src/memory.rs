@@ -10,7 +10,7 @@
 //! never trimmed below 256 MiB free: memory freed after one invocation serves the next.
 //! Handing big blocks back instead keeps the heap from fragmenting, but every invocation
 //! faults them in again and took 25-45% longer in `make bench`; time is what Lambda bills.
-//! Fragmentation is avoided at its source instead: [`run`](crate::run) reads every body into
+//! Fragmentation is avoided at its source: [`run`](crate::run) reads every body into
 //! the same buffer, the data is decoded inside it, and on one core the aggregates are split
 //! one at a time.
 

@@ -668,9 +668,9 @@ impl EventRecord {
 /// (empty when absent), which the reader then makes the record's own, and its `data` text,
 /// still to be decoded.
 ///
-/// Why: an event holds up to 10,000 records, and two strings of their own each were two
-/// blocks of memory to allocate and free per record (W3, 3,166 plain records: 360
-/// instructions per record, and half the time of dropping the event). Read from an owned
+/// Why: an event holds up to 10,000 records, and two strings of their own each would be two
+/// blocks of memory to allocate and free per record (on W3, 3,166 plain records, 360
+/// instructions per record and half the time of dropping the event). Read from an owned
 /// body, they are slices of it instead ([`KinesisEvent::from_owned`]).
 struct Borrowed<'a> {
     sequence_number: Cow<'a, [u8]>,

@@ -1,16 +1,16 @@
 //! Base64 decoding with AVX-512 VBMI: 64 characters in a handful of instructions.
 //!
-//! Why: after the JSON scan, base64 was the largest cost of reading plain records (W3: 16% of
-//! the instructions under cachegrind, about 1.2 per character, with `base64_simd`'s AVX2
-//! path). With VBMI one byte permutation translates 64 characters at once (and flags
-//! every one outside the alphabet), two multiply-adds pack them, and a second permutation
-//! gathers the 48 bytes (Muła and Lemire, "Base64 encoding and decoding at almost the speed of
-//! a memory copy", 2019).
+//! Why: after the JSON scan, base64 is the largest cost of reading plain records with
+//! `base64_simd`'s AVX2 path (W3: 16% of the instructions, about 1.2 per character). With
+//! VBMI one byte permutation translates 64 characters at once (and flags every one outside
+//! the alphabet), two multiply-adds pack them, and a second permutation gathers the 48 bytes
+//! (Muła and Lemire, "Base64 encoding and decoding at almost the speed of a memory copy",
+//! 2019).
 //!
 //! Only whole blocks of 64 characters that are all in the standard alphabet are decoded here;
-//! the caller decodes the rest (the last characters, padding, anything refused) as before, so
-//! what is accepted and what is refused does not change: whole groups of four alphabet
-//! characters decode the same however the text is cut.
+//! the caller decodes the rest (the last characters, padding, anything refused) with
+//! `base64_simd`, so what is accepted and what is refused does not change: whole groups of
+//! four alphabet characters decode the same however the text is cut.
 
 use std::ops::Range;
 

@@ -316,9 +316,8 @@ mod x86 {
     /// the constant, the register from four steps back) and one, the boolean function of the
     /// register just computed, last. Left to itself, LLVM adds the constant after that one,
     /// which puts an extra add on the chain that every step waits for (5 instructions instead
-    /// of 4). Measured with the AVX-512 kernel (`cargo bench --bench deaggregate --
-    /// md5_many`, one core): 1.90 -> 1.60 ms for five 1 MiB messages, 1.21 -> 0.92 ms for 88
-    /// of 50 KB; the AVX2 one gains less (2.67 -> 2.59 ms, 1.44 -> 1.47).
+    /// of 4): without `opaque` the AVX-512 kernel took 1.90 ms for five 1 MiB messages
+    /// instead of 1.60 (`cargo bench --bench deaggregate -- md5_many`, one core).
     #[inline]
     #[target_feature(enable = "avx2")]
     fn opaque(mut x: __m256i) -> __m256i {

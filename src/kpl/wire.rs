@@ -1,10 +1,10 @@
 //! The protobuf of an aggregate, read in place.
 //!
-//! prost decoded an aggregate into a `Vec` of messages, each user record's data a new `Bytes`
-//! (a reference-count increment) and a `Vec` of tags, and the user records were then built
-//! from those: about a third of deaggregation's time on small user records (`make bench`,
-//! W2). This reader keeps only offsets into the aggregate and makes each user record's
-//! `Bytes` once. It accepts exactly what prost accepts (unknown fields and groups skipped,
+//! Why not prost: it decodes an aggregate into a `Vec` of messages, each user record's data a
+//! new `Bytes` (a reference-count increment) and a `Vec` of tags, from which the user records
+//! would then be built: about a third of deaggregation's time on small user records (W2).
+//! This reader keeps only offsets into the aggregate and makes each user record's `Bytes`
+//! once. It accepts exactly what prost accepts (unknown fields and groups skipped,
 //! last value wins for a repeated scalar, the same varint and nesting limits): property tests
 //! compare the two on arbitrary input (`tests.rs`).
 
