@@ -34,6 +34,8 @@ test: deps lambda-tools ## Everything CI runs: fmt, clippy, every test (cross-co
 	cargo build --release
 	KINESIS_DEAGG_BIN=$(CURDIR)/$(BIN) cargo test
 	cargo test --release --test memory
+	@# The fuzz targets are run by `make fuzz`, outside CI: CI keeps them compiling.
+	cd fuzz && cargo check --quiet --bins
 	bash tools/watch-check.sh
 	$(MAKE) --no-print-directory e2e
 	$(MAKE) --no-print-directory lint-template

@@ -26,7 +26,7 @@ fuzz_target!(|input: &[u8]| {
     match one {
         Ok(Deaggregated::Plain(d)) | Ok(Deaggregated::ChecksumMismatch(d)) => assert_eq!(d, data),
         Ok(Deaggregated::Aggregated(users)) => {
-            for (i, u) in users.iter().enumerate() {
+            for (i, u) in users.enumerate() {
                 assert_eq!(u.sub_sequence_number(), Some(i as u64));
                 assert!(u.data().len() <= data.len());
             }
