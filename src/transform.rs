@@ -3,6 +3,7 @@
 
 use std::future::Future;
 use std::io::Write;
+use std::marker::PhantomData;
 use std::num::NonZeroU64;
 use std::sync::{Arc, OnceLock};
 use std::time::SystemTime;
@@ -10,6 +11,7 @@ use std::time::SystemTime;
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
 use bytestring::ByteString;
+use serde::de::DeserializeOwned;
 
 use crate::event::EventRecord;
 use crate::kpl::UserRecord;
@@ -206,6 +208,127 @@ where
     }
 }
 
+/// A transform of typed records: each user record's data is read as one JSON document of
+/// type `T` (with `serde_json`) and handed to `f` with its context.
+///
+/// A user record that is not a `T` fails without reaching `f`, like any transform error: the
+/// Kinesis record holding it is reported to Lambda, and the batch logs, with its sequence
+/// number, `user record <key> is not a valid <T>: <serde's reason>` (`<key>` is the
+/// [idempotency key](RecordContext::idempotency_key), which names the user record within its
+/// aggregate). To skip such records instead, take a [`serde_json::Value`] or an `enum` with an
+/// untagged catch-all variant; for the record's partition key, write a plain
+/// [`Transform`] and parse its data yourself.
+///
+/// # Examples
+///
+/// ```
+/// use kinesis_deagg::transform::{self, RecordContext};
+/// use kinesis_deagg::{Processor, Settings, event::KinesisEvent};
+///
+/// #[derive(serde::Deserialize)]
+/// struct Order {
+///     id: u64,
+///     total_cents: u64,
+/// }
+///
+/// let transform = transform::json(|order: Order, ctx: RecordContext| async move {
+///     if order.total_cents == 0 {
+///         return Err(format!("order {} ({}) is free", order.id, ctx.idempotency_key()));
+///     }
+///     ctx.metrics().add("OrderCents", order.total_cents as f64);
+///     Ok(())
+/// });
+/// let processor = Processor::new(transform, Settings::default());
+/// // {"id":1,"total_cents":250}, then {"id":"two"}.
+/// let event = KinesisEvent::from_slice(br#"{"Records":[
+///   {"kinesis":{"sequenceNumber":"1","data":"eyJpZCI6MSwidG90YWxfY2VudHMiOjI1MH0="}},
+///   {"kinesis":{"sequenceNumber":"2","data":"eyJpZCI6InR3byJ9"}}]}"#).unwrap();
+/// let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+/// let outcome = rt.block_on(processor.handle(&event, None));
+/// let failure = outcome.failure.unwrap();
+/// assert_eq!(failure.sequence_number, "2");
+/// assert!(failure.reason.to_string().contains("user record 2 is not a valid Order: invalid type"));
+/// assert_eq!(outcome.metrics["OrderCents"], 250.0);
+/// ```
+pub fn json<T, F, Fut, E>(f: F) -> Json<T, F>
+where
+    T: DeserializeOwned,
+    F: Fn(T, RecordContext) -> Fut,
+    Fut: Future<Output = Result<(), E>>,
+    E: Into<Error>,
+{
+    Json {
+        f,
+        type_name: short_type_name(std::any::type_name::<T>()),
+        _record: PhantomData,
+    }
+}
+
+/// The transform [`json`] makes: a function of typed records behind a JSON parser.
+pub struct Json<T, F> {
+    f: F,
+    /// `T`'s name without its module paths, for errors.
+    type_name: Arc<str>,
+    /// `fn() -> T`: a `Json` holds no `T`, so it is `Send` and `Sync` whatever `T` is.
+    _record: PhantomData<fn() -> T>,
+}
+
+impl<T, F: Clone> Clone for Json<T, F> {
+    fn clone(&self) -> Self {
+        Json {
+            f: self.f.clone(),
+            type_name: self.type_name.clone(),
+            _record: PhantomData,
+        }
+    }
+}
+
+impl<T, F> std::fmt::Debug for Json<T, F> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Json")
+            .field("type", &self.type_name)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<T, F, Fut, E> Transform for Json<T, F>
+where
+    T: DeserializeOwned,
+    F: Fn(T, RecordContext) -> Fut,
+    Fut: Future<Output = Result<(), E>>,
+    E: Into<Error>,
+{
+    async fn call(&self, record: UserRecord, context: RecordContext) -> Result<(), Error> {
+        let value = serde_json::from_slice::<T>(record.data()).map_err(|e| {
+            format!(
+                "user record {} is not a valid {}: {e}",
+                context.idempotency_key(),
+                self.type_name
+            )
+        })?;
+        (self.f)(value, context).await.map_err(Into::into)
+    }
+}
+
+/// A type's name as [`std::any::type_name`] gives it, without module paths:
+/// `alloc::vec::Vec<my_app::Order>` becomes `Vec<Order>`.
+fn short_type_name(full: &str) -> Arc<str> {
+    let mut short = String::with_capacity(full.len());
+    let mut segment = String::new();
+    for c in full.chars() {
+        // `{{closure}}` is a segment of the path of a type declared in a function.
+        if c.is_alphanumeric() || matches!(c, '_' | ':' | '{' | '}') {
+            segment.push(c);
+        } else {
+            short.push_str(segment.rsplit("::").next().unwrap_or_default());
+            segment.clear();
+            short.push(c);
+        }
+    }
+    short.push_str(segment.rsplit("::").next().unwrap_or_default());
+    short.into()
+}
+
 /// The transforms that ship with the binary, chosen with `DEAGG_TRANSFORM`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum Builtin {
@@ -354,6 +477,46 @@ mod tests {
                 .await;
             assert_eq!(r.is_ok(), ok, "{:?}", String::from_utf8_lossy(data));
         }
+    }
+
+    #[test]
+    fn type_names_lose_their_module_paths() {
+        assert_eq!(&*short_type_name("my_app::Order"), "Order");
+        assert_eq!(&*short_type_name("u64"), "u64");
+        assert_eq!(&*short_type_name("t::main::{{closure}}::Order"), "Order");
+        assert_eq!(
+            &*short_type_name("alloc::vec::Vec<my_app::orders::Order>"),
+            "Vec<Order>"
+        );
+        assert_eq!(
+            &*short_type_name("(a::B, std::collections::HashMap<String, c::D>)"),
+            "(B, HashMap<String, D>)"
+        );
+    }
+
+    #[tokio::test]
+    async fn json_hands_typed_records_on_and_names_the_ones_that_do_not_parse() {
+        #[derive(serde::Deserialize)]
+        struct Order {
+            id: u64,
+        }
+        let seen = std::cell::RefCell::new(Vec::new());
+        let t = json(|o: Order, c: RecordContext| {
+            seen.borrow_mut().push((o.id, c.idempotency_key()));
+            async { Ok::<(), Error>(()) }
+        });
+        let ctx = RecordContext::new("77").with_sub_sequence_number(2);
+        let ok = UserRecord::plain("k", None, br#"{"id":5}"#[..].into());
+        t.call(ok, ctx.clone()).await.unwrap();
+        assert_eq!(*seen.borrow(), [(5, "77:2".to_string())]);
+        let bad = UserRecord::plain("k", None, br#"{"id":5} {}"#[..].into());
+        let e = t.call(bad, ctx).await.unwrap_err().to_string();
+        assert!(
+            e.starts_with("user record 77:2 is not a valid Order: trailing characters"),
+            "{e}"
+        );
+        assert_eq!(seen.borrow().len(), 1);
+        assert_eq!(format!("{t:?}"), r#"Json { type: "Order", .. }"#);
     }
 
     #[test]
