@@ -1,7 +1,8 @@
 //! A complete Lambda function with its own transform: order events from a KPL producer.
 //!
-//! Each user record is one JSON order event. The transform parses it into a typed struct,
-//! drops test orders, fails invalid ones (so Lambda retries from that Kinesis record and, after
+//! Each user record is one JSON order event, which `transform::json` parses into a typed
+//! struct (a record that is not an order event fails). The transform drops test orders, fails
+//! ones of an unknown status (so Lambda retries from that Kinesis record and, after
 //! `MaximumRetryAttempts`, sends its metadata to the on-failure queue), and enriches the rest
 //! with where they came from before "storing" them (here: printing one JSON line).
 //!
@@ -15,8 +16,7 @@
 use std::time::UNIX_EPOCH;
 
 use kinesis_deagg::event::KinesisEvent;
-use kinesis_deagg::kpl::UserRecord;
-use kinesis_deagg::transform::{Error, RecordContext};
+use kinesis_deagg::transform::{self, Error, RecordContext};
 use kinesis_deagg::{Processor, Settings};
 use serde::{Deserialize, Serialize};
 
@@ -43,10 +43,9 @@ struct StoredOrder<'a> {
 
 const STATUSES: [&str; 4] = ["created", "paid", "shipped", "cancelled"];
 
-/// The transform: any async function of `(UserRecord, RecordContext)` will do.
-async fn store_order(record: UserRecord, ctx: RecordContext) -> Result<(), Error> {
-    let event: OrderEvent = serde_json::from_slice(record.data())
-        .map_err(|e| format!("{} is not an order event: {e}", ctx.idempotency_key()))?;
+/// The transform, given each order event already parsed: wrapped in [`transform::json`],
+/// any async function of `(T, RecordContext)` will do, for a `T` serde can deserialize.
+async fn store_order(event: OrderEvent, ctx: RecordContext) -> Result<(), Error> {
     if event.test {
         return Ok(()); // dropped on purpose: acknowledged, not stored
     }
@@ -73,7 +72,7 @@ async fn store_order(record: UserRecord, ctx: RecordContext) -> Result<(), Error
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> Result<(), Error> {
-    let processor = Processor::new(store_order, Settings::from_env()?);
+    let processor = Processor::new(transform::json(store_order), Settings::from_env()?);
     match std::env::args().nth(1) {
         // Inside Lambda: serve invocations.
         None => kinesis_deagg::run(processor).await,
@@ -105,7 +104,7 @@ mod tests {
 
     #[tokio::test]
     async fn valid_and_test_orders_pass_and_the_first_invalid_one_is_reported() {
-        let processor = Processor::new(store_order, Settings::default());
+        let processor = Processor::new(transform::json(store_order), Settings::default());
         let e = event(&[
             ("1", r#"{"order":1,"status":"paid"}"#),
             ("2", r#"{"order":2,"status":"bogus","test":true}"#),
@@ -118,9 +117,22 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_record_that_is_not_an_order_event_is_reported_with_serdes_reason() {
+        let processor = Processor::new(transform::json(store_order), Settings::default());
+        let e = event(&[("1", r#"{"order":1,"status":"paid"}"#), ("2", "not json")]);
+        let failure = processor.handle(&e, None).await.failure.unwrap();
+        assert_eq!(failure.sequence_number, "2");
+        let reason = failure.reason.to_string();
+        assert!(
+            reason.contains("user record 2 is not a valid OrderEvent: expected ident"),
+            "{reason}"
+        );
+    }
+
+    #[tokio::test]
     async fn the_sample_mixed_event_is_all_valid_orders() {
         let e = KinesisEvent::from_slice(include_bytes!("../events/mixed.json")).unwrap();
-        let outcome = Processor::new(store_order, Settings::default())
+        let outcome = Processor::new(transform::json(store_order), Settings::default())
             .handle(&e, None)
             .await;
         assert!(outcome.failure.is_none());
