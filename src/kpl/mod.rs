@@ -355,7 +355,7 @@ pub fn deaggregate_all(
 
 /// [`deaggregate_with`] on every record of a batch, in order, with the same results, faster:
 ///
-/// - the MD5s of all aggregates are computed side by side ([`md5_many`]), since one MD5 stream
+/// - the MD5s of all aggregates are computed side by side ([`md5_many()`]), since one MD5 stream
 ///   cannot use more than a fraction of a core;
 /// - with a second core available (`std::thread::available_parallelism`) and at least 64 KiB
 ///   of aggregates, a helper thread computes the MD5s, in batch order, and each verdict is used
