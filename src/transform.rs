@@ -1,5 +1,5 @@
-//! The user's code: the [`Transform`] trait, the [`RecordContext`] it receives, and the
-//! built-in transforms.
+//! The user's code: the [`Transform`] trait, the [`RecordContext`] it receives, [`json`] for
+//! typed records, and the built-in transforms.
 
 use std::future::Future;
 use std::io::Write;
@@ -172,7 +172,8 @@ impl RecordContext {
 /// Return `Err` to fail the user record: the Kinesis record that holds it is reported to
 /// Lambda, which retries from there. A panic is caught and counts as a failure too.
 ///
-/// Any `async` closure (or function) taking `(UserRecord, RecordContext)` is a transform:
+/// Any `async` closure (or function) taking `(UserRecord, RecordContext)` is a transform (and
+/// [`json`] makes one of a closure taking the record's data already parsed into your type):
 ///
 /// ```
 /// use kinesis_deagg::kpl::UserRecord;
@@ -215,9 +216,9 @@ where
 /// Kinesis record holding it is reported to Lambda, and the batch logs, with its sequence
 /// number, `user record <key> is not a valid <T>: <serde's reason>` (`<key>` is the
 /// [idempotency key](RecordContext::idempotency_key), which names the user record within its
-/// aggregate). To skip such records instead, take a [`serde_json::Value`] or an `enum` with an
-/// untagged catch-all variant; for the record's partition key, write a plain
-/// [`Transform`] and parse its data yourself.
+/// aggregate). To acknowledge JSON of another shape instead, take a `#[serde(untagged)]` enum
+/// whose last variant holds a [`serde_json::Value`]; to acknowledge data that is not JSON at
+/// all, or to see the partition key, write a plain [`Transform`] and parse the data yourself.
 ///
 /// # Examples
 ///
@@ -517,6 +518,38 @@ mod tests {
         );
         assert_eq!(seen.borrow().len(), 1);
         assert_eq!(format!("{t:?}"), r#"Json { type: "Order", .. }"#);
+    }
+
+    #[tokio::test]
+    async fn an_untagged_enum_with_a_catch_all_acknowledges_json_of_another_shape() {
+        #[derive(serde::Deserialize)]
+        #[serde(untagged)]
+        enum Message {
+            Order { id: u64 },
+            Other(serde_json::Value),
+        }
+        let t = json(|m: Message, _| async move {
+            match m {
+                Message::Order { id } if id > 0 => Ok(()),
+                Message::Order { .. } => Err("order 0"),
+                Message::Other(v) if v.is_object() => Ok(()),
+                Message::Other(_) => Err("not an object"),
+            }
+        });
+        let call = |data: &'static [u8]| {
+            t.call(
+                UserRecord::plain("k", None, data.into()),
+                RecordContext::new("1"),
+            )
+        };
+        assert!(call(br#"{"id":1}"#).await.is_ok());
+        assert!(call(br#"{"id":0}"#).await.is_err());
+        assert!(call(br#"{"kind":"ping"}"#).await.is_ok());
+        let e = call(b"ping").await.unwrap_err().to_string();
+        assert!(
+            e.starts_with("user record 1 is not a valid Message: "),
+            "{e}"
+        );
     }
 
     #[test]
