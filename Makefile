@@ -16,6 +16,10 @@ export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 export AWS_DEFAULT_REGION ?= us-east-1
 export SAM_CLI_TELEMETRY := 0
 
+.PHONY: walkthrough-check
+walkthrough-check: deps ## Follow docs/your-own-function.md from an empty directory (make test runs it).
+	bash tools/walkthrough-check.sh
+
 .PHONY: help build lambda-build test lint invoke watch invoke-watch watch-check deploy \
         events events-max bench bench-kpl fuzz clean deps lambda-tools pr-check e2e
 
@@ -36,6 +40,8 @@ test: deps lambda-tools ## Everything CI runs: fmt, clippy, every test (cross-co
 	cargo test --release --test memory
 	@# The fuzz targets are run by `make fuzz`, outside CI: CI keeps them compiling.
 	cd fuzz && cargo check --quiet --bins
+	RUSTDOCFLAGS="-D warnings" cargo doc --no-deps --quiet
+	bash tools/walkthrough-check.sh
 	bash tools/watch-check.sh
 	$(MAKE) --no-print-directory e2e
 	$(MAKE) --no-print-directory lint-template

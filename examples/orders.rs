@@ -15,9 +15,7 @@
 
 use std::time::UNIX_EPOCH;
 
-use kinesis_deagg::event::KinesisEvent;
 use kinesis_deagg::transform::{self, Error, RecordContext};
-use kinesis_deagg::{Processor, Settings};
 use serde::{Deserialize, Serialize};
 
 /// One order event, as producers write it.
@@ -70,25 +68,16 @@ async fn store_order(event: OrderEvent, ctx: RecordContext) -> Result<(), Error>
     Ok(())
 }
 
-#[tokio::main(flavor = "current_thread")]
-async fn main() -> Result<(), Error> {
-    let processor = Processor::new(transform::json(store_order), Settings::from_env()?);
-    match std::env::args().nth(1) {
-        // Inside Lambda: serve invocations.
-        None => kinesis_deagg::run(processor).await,
-        // Outside: handle one event file and print the response.
-        Some(path) => {
-            let event = KinesisEvent::from_slice(&std::fs::read(path)?)?;
-            let outcome = processor.handle(&event, None).await;
-            println!("{}", serde_json::to_string(&outcome.response())?);
-            Ok(())
-        }
-    }
+/// Inside Lambda it serves invocations; outside, it runs on an event file or stdin.
+fn main() -> std::process::ExitCode {
+    kinesis_deagg::main(transform::json(store_order))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use kinesis_deagg::event::KinesisEvent;
+    use kinesis_deagg::{Processor, Settings};
 
     fn event(records: &[(&str, &str)]) -> KinesisEvent {
         use base64::Engine;

@@ -32,7 +32,7 @@ pub enum OnCorrupt {
     /// on-failure destination. Nothing is lost, but the shard waits.
     Fail,
     /// Deliver it to the transform as one raw record (the KCL's behaviour), with
-    /// [`RecordContext::passed_through`] set.
+    /// `RecordContext::passed_through` set.
     Passthrough,
     /// Log it, count it and acknowledge it. Its data is lost on purpose.
     Skip,

@@ -408,7 +408,8 @@ impl Transform for BuiltinTransform {
 
 /// The JSON line `kinesis-deagg decode` and the `echo` transform print for a user record:
 /// `sequenceNumber`, `subSequenceNumber` (null when not aggregated), `partitionKey`,
-/// `explicitHashKey` (null when absent) and `data` in standard base64.
+/// `explicitHashKey` (null when absent), `data` in standard base64, and `text`, the data
+/// when it is UTF-8 (null otherwise).
 ///
 /// # Examples
 ///
@@ -427,6 +428,7 @@ pub fn decode_line(record: &UserRecord, sequence_number: &str) -> String {
         "partitionKey": record.partition_key(),
         "explicitHashKey": record.explicit_hash_key(),
         "data": STANDARD.encode(record.data()),
+        "text": std::str::from_utf8(record.data()).ok(),
     })
     .to_string()
 }

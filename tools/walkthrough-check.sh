@@ -48,8 +48,9 @@ first_plain=$(python3 -c "import json,sys; print(json.load(open(sys.argv[1]))['R
 check "{\"batchItemFailures\":[{\"itemIdentifier\":\"$first_plain\"}]}" "$bin" --remaining-time-ms 0 "$root/events/plain.json"
 "$bin" --help | grep -q -- "--deadline-margin-ms" || { echo "walkthrough: --help lists no settings"; exit 1; }
 # A reason in the log for a failed record, and the exit statuses the page promises.
-"$bin" "$root/events/mixed.json" 2>&1 >/dev/null | grep -q "missing field" \
-  || { echo "walkthrough: no reason logged for the failed record"; exit 1; }
+log=$("$bin" "$root/events/mixed.json" 2>&1 >/dev/null)
+grep -q "is not a valid Reading: missing field" <<<"$log" \
+  || { echo "walkthrough: no reason logged for the failed record: $log"; exit 1; }
 status=0; "$bin" /nonexistent.json 2>/dev/null || status=$?
 [ "$status" = 2 ] || { echo "walkthrough: a missing file exited $status, not 2"; exit 1; }
 status=0; DEAGG_MODE=fast "$bin" "$root/events/plain.json" 2>/dev/null || status=$?

@@ -149,10 +149,31 @@ fn decode_append(text: &[u8], buffer: &mut Vec<u8>) -> Result<(), BadData> {
         .map_err(|e| {
             buffer.truncate(start);
             BadData {
-                message: format!("`data` is not valid base64: {e}"),
+                message: format!("`data` is not valid base64: {}", describe(&e)),
                 raw: Bytes::copy_from_slice(text),
             }
         })
+}
+
+/// What is wrong with the text, in words (the `base64` crate says `Invalid symbol 37`).
+fn describe(e: &base64::DecodeError) -> String {
+    use base64::DecodeError::*;
+    let shown = |byte: u8| match byte {
+        0x20..=0x7E => format!("'{}'", byte as char),
+        _ => format!("byte 0x{byte:02X}"),
+    };
+    match *e {
+        InvalidByte(at, byte) => format!(
+            "{} at character {at} is not a base64 character",
+            shown(byte)
+        ),
+        InvalidLength(n) => format!("{n} characters (without padding) cannot be base64"),
+        InvalidLastSymbol { offset, symbol, .. } => format!(
+            "the last character, {} at {offset}, encodes bits that must be zero",
+            shown(symbol)
+        ),
+        InvalidPadding => "its `=` padding is wrong".into(),
+    }
 }
 
 #[cfg(test)]
@@ -168,7 +189,7 @@ mod tests {
         fn simd_and_scalar_decoders_agree(s in "[A-Za-z0-9+/=]{0,12}|[A-Za-z0-9+/]{0,12}") {
             let mut fast = b"kept".to_vec();
             let fast = decode_append(s.as_bytes(), &mut fast).map(|()| fast).map_err(|e| e.message);
-            let slow = BASE64.decode(&s).map(|d| [&b"kept"[..], &d].concat()).map_err(|e| format!("`data` is not valid base64: {e}"));
+            let slow = BASE64.decode(&s).map(|d| [&b"kept"[..], &d].concat()).map_err(|e| format!("`data` is not valid base64: {}", describe(&e)));
             prop_assert_eq!(fast, slow);
         }
 

@@ -27,6 +27,8 @@ use md5::{Digest, Md5};
 
 pub use aggregate::{AggregateError, AggregatedRecord, Aggregator};
 pub(crate) use each::Verifier;
+// Public for the md5_many fuzz target and the benchmarks, not for users: hidden.
+#[doc(hidden)]
 pub use md5_many::md5_many;
 pub use records::UserRecords;
 
