@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Follows docs/your-own-function.md as a new user would, in a fresh directory: cargo new, the
 # page's Cargo.toml and src/main.rs (the blocks after each `<!-- walkthrough: FILE -->`), its
-# test, its runs on the sample events, and its template. The git dependency is replaced by
-# this checkout, and the build shares this checkout's target directory and lock file so that
+# test, its runs on the sample events, and its template. The path dependency points at this
+# checkout, and the build shares this checkout's target directory and lock file so that
 # nothing is compiled twice. Steps 4 and 5 (cargo lambda build, sam deploy) need the network
 # or an AWS account: the template it makes is linted instead.
 set -euo pipefail
@@ -23,7 +23,7 @@ blocks = dict(re.findall(r"<!-- walkthrough: (\S+) -->\n```\w*\n(.*?)```", text,
 assert set(blocks) == {"Cargo.toml", "src/main.rs"}, blocks.keys()
 manifest = open("Cargo.toml").read()
 assert manifest.rstrip().endswith("[dependencies]"), manifest
-deps = re.sub(r'kinesis-deagg = \{ git = "[^"]*" \}', f'kinesis-deagg = {{ path = "{root}" }}', blocks["Cargo.toml"])
+deps = blocks["Cargo.toml"].replace('kinesis-deagg = { path = "../kinesis-deagg" }', f'kinesis-deagg = {{ path = "{root}" }}')
 assert root in deps, "the page's kinesis-deagg dependency line changed"
 open("Cargo.toml", "w").write(manifest.rstrip()[: -len("[dependencies]")] + deps)
 open("src/main.rs", "w").write(blocks["src/main.rs"])
