@@ -53,6 +53,8 @@ grep -q "is not a valid Reading: missing field" <<<"$log" \
   || { echo "walkthrough: no reason logged for the failed record: $log"; exit 1; }
 status=0; "$bin" /nonexistent.json 2>/dev/null || status=$?
 [ "$status" = 2 ] || { echo "walkthrough: a missing file exited $status, not 2"; exit 1; }
+# A setting of the built-in transforms is not this consumer's: it does not stop it.
+check '{"batchItemFailures":[]}' env DEAGG_TRANSFORM=bogus "$bin" "$root/events/aggregated.json"
 status=0; DEAGG_MODE=fast "$bin" "$root/events/plain.json" 2>/dev/null || status=$?
 [ "$status" = 2 ] || { echo "walkthrough: a bad setting exited $status, not 2"; exit 1; }
 
