@@ -4,6 +4,8 @@ mod common;
 
 use std::process::Output;
 
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD;
 use common::*;
 use serde_json::Value;
 
@@ -26,7 +28,14 @@ fn decode_prints_exactly_what_the_java_kpl_wrote() {
         .lines()
         .map(|l| serde_json::from_str(l).unwrap())
         .collect();
-    assert_eq!(stdout_lines(&out), expected);
+    // Each line also shows its data as text when it is UTF-8 (the expected lines predate it).
+    let mut lines = stdout_lines(&out);
+    for line in &mut lines {
+        let text = line.as_object_mut().unwrap().remove("text").unwrap();
+        let data = STANDARD.decode(line["data"].as_str().unwrap()).unwrap();
+        assert_eq!(text.as_str(), std::str::from_utf8(&data).ok(), "{line}");
+    }
+    assert_eq!(lines, expected);
 }
 
 #[test]
