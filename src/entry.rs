@@ -183,12 +183,7 @@ fn current_thread() -> std::io::Result<tokio::runtime::Runtime> {
 
 /// Prints `e` after the program's name; status 2.
 fn fail(e: &dyn std::fmt::Display) -> ExitCode {
-    let program = std::env::args_os()
-        .next()
-        .map(PathBuf::from)
-        .and_then(|p| Some(p.file_name()?.to_string_lossy().into_owned()))
-        .unwrap_or_else(|| "kinesis-deagg".into());
-    eprintln!("{program}: {e}");
+    eprintln!("{}: {e}", crate::lambda::program_name());
     ExitCode::from(2)
 }
 

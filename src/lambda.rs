@@ -66,10 +66,10 @@ impl<T> Clone for Processor<T> {
 
 impl<T: Transform> Processor<T> {
     /// A processor running `transform` with `settings`. Its metrics name the function
-    /// `AWS_LAMBDA_FUNCTION_NAME` (`kinesis-deagg` outside Lambda).
+    /// `AWS_LAMBDA_FUNCTION_NAME` (outside Lambda, the name of the executable).
     pub fn new(transform: T, settings: Settings) -> Self {
         let function_name =
-            std::env::var("AWS_LAMBDA_FUNCTION_NAME").unwrap_or_else(|_| "kinesis-deagg".into());
+            std::env::var("AWS_LAMBDA_FUNCTION_NAME").unwrap_or_else(|_| program_name());
         Processor {
             inner: Arc::new(Inner {
                 transform,
@@ -184,6 +184,15 @@ impl<T: Transform> Processor<T> {
         let outcome = self.handle_verified(event.records, verifier, deadline(context));
         Ok(outcome.await.response())
     }
+}
+
+/// The name of the running executable (`kinesis-deagg` when it has none).
+pub(crate) fn program_name() -> String {
+    std::env::args_os()
+        .next()
+        .map(std::path::PathBuf::from)
+        .and_then(|p| Some(p.file_name()?.to_string_lossy().into_owned()))
+        .unwrap_or_else(|| "kinesis-deagg".into())
 }
 
 /// The metrics' dimensions for an event: one invocation holds records of one shard.

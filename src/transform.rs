@@ -419,7 +419,7 @@ impl Transform for BuiltinTransform {
 /// let line = decode_line(&UserRecord::plain("k", None, "hi".into()), "42");
 /// let v: serde_json::Value = serde_json::from_str(&line).unwrap();
 /// assert_eq!(v, serde_json::json!({"sequenceNumber": "42", "subSequenceNumber": null,
-///     "partitionKey": "k", "explicitHashKey": null, "data": "aGk="}));
+///     "partitionKey": "k", "explicitHashKey": null, "data": "aGk=", "text": "hi"}));
 /// ```
 pub fn decode_line(record: &UserRecord, sequence_number: &str) -> String {
     serde_json::json!({

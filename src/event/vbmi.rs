@@ -15,7 +15,9 @@
 use std::ops::Range;
 
 /// Characters per block, and the bytes they decode to.
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))] // The tests use it everywhere.
 const BLOCK: usize = 64;
+#[cfg(target_arch = "x86_64")]
 const BYTES: usize = 48;
 
 /// Decodes, in place, the longest run of whole 64-character blocks at the start of
@@ -33,18 +35,22 @@ pub(super) fn decode_in_place(json: &mut [u8], text: Range<usize>, out: usize) -
         text.end <= json.len() && out <= text.start,
         "not a text of `json`"
     );
-    let blocks = text.len() / BLOCK;
     #[cfg(target_arch = "x86_64")]
-    if blocks > 0 && has_vbmi() {
-        // SAFETY: the CPU has the features `decode_vbmi` is compiled for (checked just above);
-        // `blocks` whole blocks from `text.start` are within `json`, and the bytes of the
-        // blocks, from `out <= text.start`, end before the blocks' own end (asserted above).
-        return unsafe { x86::decode_vbmi(json.as_mut_ptr(), text.start, out, blocks) } * BLOCK;
+    {
+        let blocks = text.len() / BLOCK;
+        if blocks > 0 && has_vbmi() {
+            // SAFETY: the CPU has the features `decode_vbmi` is compiled for (checked just
+            // above); `blocks` whole blocks from `text.start` are within `json`, and the bytes
+            // of the blocks, from `out <= text.start`, end before the blocks' own end
+            // (asserted above).
+            return unsafe { x86::decode_vbmi(json.as_mut_ptr(), text.start, out, blocks) } * BLOCK;
+        }
     }
     0
 }
 
 /// Whether this CPU can run `x86::decode_vbmi` (std caches the answer).
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))] // The tests ask everywhere.
 fn has_vbmi() -> bool {
     #[cfg(target_arch = "x86_64")]
     return is_x86_feature_detected!("avx512f")
