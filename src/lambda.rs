@@ -28,23 +28,25 @@ use crate::transform::{Batch, Transform};
 ///
 /// # Examples
 ///
-/// A complete Lambda function with its own transform:
+/// What [`kinesis_deagg::main`](crate::main) does inside Lambda, in a `main` of one's own
+/// (with tokio's `rt` and `macros` features):
 ///
 /// ```no_run
-/// use kinesis_deagg::{Processor, Settings};
-/// use kinesis_deagg::kpl::UserRecord;
-/// use kinesis_deagg::transform::RecordContext;
+/// use kinesis_deagg::prelude::*;
 ///
 /// #[tokio::main(flavor = "current_thread")]
-/// async fn main() -> Result<(), lambda_runtime::Error> {
+/// async fn main() -> Result<(), Error> {
+///     kinesis_deagg::logging::init();
 ///     let transform = |record: UserRecord, ctx: RecordContext| async move {
-///         println!("{} has {} bytes", ctx.idempotency_key(), record.data().len());
-///         Ok::<(), lambda_runtime::Error>(())
+///         tracing::info!(key = %ctx.idempotency_key(), bytes = record.data().len(), "got one");
+///         Ok::<(), Error>(())
 ///     };
-///     // Or kinesis_deagg::run, faster: see its docs.
-///     lambda_runtime::run(Processor::new(transform, Settings::from_env()?)).await
+///     kinesis_deagg::run(Processor::new(transform, Settings::from_env()?)).await
 /// }
 /// ```
+///
+/// A processor is also a tower `Service<LambdaEvent<KinesisEvent>>`, so `lambda_runtime::run`
+/// and tower layers serve it too, at the cost described in [`run`](crate::run).
 pub struct Processor<T> {
     inner: Arc<Inner<T>>,
 }

@@ -68,24 +68,8 @@ const NEXT_BACKOFF_MAX: Duration = Duration::from_secs(2);
 /// outside Lambda (`AWS_LAMBDA_RUNTIME_API` is not set: [`crate::main`] runs a sample event
 /// there instead).
 ///
-/// # Examples
-///
-/// A complete Lambda function with its own transform:
-///
-/// ```no_run
-/// use kinesis_deagg::{Processor, Settings};
-/// use kinesis_deagg::kpl::UserRecord;
-/// use kinesis_deagg::transform::RecordContext;
-///
-/// #[tokio::main(flavor = "current_thread")]
-/// async fn main() -> Result<(), kinesis_deagg::runtime_api::Error> {
-///     let transform = |record: UserRecord, ctx: RecordContext| async move {
-///         println!("{} has {} bytes", ctx.idempotency_key(), record.data().len());
-///         Ok::<(), lambda_runtime::Error>(())
-///     };
-///     kinesis_deagg::run(Processor::new(transform, Settings::from_env()?)).await
-/// }
-/// ```
+/// [`kinesis_deagg::main`](crate::main) calls it; [`Processor`] shows a `main` of one's own
+/// that does.
 pub async fn run<T: Transform + 'static>(processor: Processor<T>) -> Result<(), Error> {
     if std::env::var_os("AWS_LAMBDA_RUNTIME_API").is_none() {
         return Err("not inside Lambda: AWS_LAMBDA_RUNTIME_API is not set".into());
