@@ -7,20 +7,25 @@
 //! when all are known (`md5_many`), so that lanes drain together; as they come otherwise
 //! (`md5_stream`), so that an aggregate decoded while others are hashed joins them at once.
 //!
-//! Kernels, chosen at run time: AVX-512VL (one-instruction rotates and boolean functions),
-//! else AVX2, else (other CPUs, or a single message, where a lane is slower than the scalar
-//! code) the `md-5` crate one message at a time. No NEON kernel yet: on Graviton the
-//! scalar path runs. Every kernel is tested against `md-5` on arbitrary message sets (`tests`
-//! below), and the `md5_many` fuzz target compares the CPU's own choice with `md-5`.
+//! Kernels, chosen at run time: on x86_64 AVX-512VL (one-instruction rotates and boolean
+//! functions), else AVX2; on aarch64 NEON (baseline there: two 128-bit vectors of 4 lanes
+//! each make the 8 lanes); else (other CPUs, or a single message, where a lane is slower than
+//! the scalar code) the `md-5` crate one message at a time. Every kernel is tested against
+//! `md-5` on arbitrary message sets (`tests` below; the NEON one under qemu), and the
+//! `md5_many` fuzz target compares the CPU's own choice with `md-5`. The NEON kernel's speed
+//! has not been measured on hardware.
 //!
 //! Besides one `mallopt` call (`memory.rs`) and base64 decoding (`src/event/vbmi.rs`), this
 //! is the crate's only `unsafe` code: SIMD intrinsics behind a CPU feature check, reads of
 //! exactly 64 bytes from blocks that the scheduler takes from live slices, and an empty `asm!`
 //! that keeps the compiler from lengthening each step (`opaque`).
 
-// The lane scheduler below serves the x86 kernels only: elsewhere (aarch64, until it has a
-// NEON kernel) every message goes through `md-5`, and the scheduler is not used.
-#![cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+// The lane scheduler below serves the SIMD kernels: on other architectures every message
+// goes through `md-5`, and it is not used.
+#![cfg_attr(
+    not(any(target_arch = "x86_64", target_arch = "aarch64")),
+    allow(dead_code)
+)]
 
 use md5::{Digest, Md5};
 
@@ -86,6 +91,10 @@ pub(crate) fn md5_stream<M: AsRef<[u8]>>(
     #[cfg(target_arch = "x86_64")]
     if x86::md5_stream(next, done) {
         return;
+    }
+    #[cfg(target_arch = "aarch64")]
+    if std::arch::is_aarch64_feature_detected!("neon") {
+        return neon::with_neon(next, done);
     }
     one_at_a_time(next, done);
 }
@@ -470,6 +479,150 @@ mod x86 {
     }
 }
 
+/// The NEON kernel. The 8 lanes are two vectors of 4, run step by step side by side (two
+/// independent dependency chains). NEON has no rotate: shift right, then shift left and
+/// insert (`vsli`).
+#[cfg(target_arch = "aarch64")]
+mod neon {
+    use std::arch::aarch64::*;
+
+    use super::{K, Next, lanes};
+
+    /// Panics unless the CPU has NEON (callers check; every aarch64 CPU Lambda runs has it).
+    pub(super) fn with_neon<M: AsRef<[u8]>>(
+        next: &mut dyn FnMut(bool) -> Next<M>,
+        done: &mut dyn FnMut(usize, [u8; 16]) -> bool,
+    ) {
+        assert!(std::arch::is_aarch64_feature_detected!("neon"));
+        // SAFETY: the feature the kernel is compiled for is present (asserted above).
+        lanes(next, done, |state, blocks| unsafe {
+            compress(state, blocks)
+        })
+    }
+
+    /// Words `w..w + 4` of 4 blocks, transposed: vector `j` holds word `w + j` of each block.
+    #[inline]
+    #[target_feature(enable = "neon")]
+    fn load_transposed(blocks: &[&[u8]], w: usize) -> [uint32x4_t; 4] {
+        // SAFETY: every block is a 64-byte slice (the scheduler only hands out 64-byte slices,
+        // asserted here) and w <= 12, so the 16 bytes read from offset 4 * w lie inside it.
+        // The load is of bytes (vld1q_u8), which needs no alignment.
+        let r: [uint32x4_t; 4] = std::array::from_fn(|lane| {
+            assert!(blocks[lane].len() == 64 && w <= 12);
+            unsafe { vreinterpretq_u32_u8(vld1q_u8(blocks[lane].as_ptr().add(4 * w))) }
+        });
+        let t0 = vtrn1q_u32(r[0], r[1]);
+        let t1 = vtrn2q_u32(r[0], r[1]);
+        let t2 = vtrn1q_u32(r[2], r[3]);
+        let t3 = vtrn2q_u32(r[2], r[3]);
+        [
+            pair::<true>(t0, t2),
+            pair::<true>(t1, t3),
+            pair::<false>(t0, t2),
+            pair::<false>(t1, t3),
+        ]
+    }
+
+    /// The low (or high) 64-bit halves of `x` and `y`, together.
+    #[inline]
+    #[target_feature(enable = "neon")]
+    fn pair<const LOW: bool>(x: uint32x4_t, y: uint32x4_t) -> uint32x4_t {
+        let (x, y) = (vreinterpretq_u64_u32(x), vreinterpretq_u64_u32(y));
+        vreinterpretq_u32_u64(if LOW {
+            vtrn1q_u64(x, y)
+        } else {
+            vtrn2q_u64(x, y)
+        })
+    }
+
+    #[inline]
+    #[target_feature(enable = "neon")]
+    fn f(x: uint32x4_t, y: uint32x4_t, z: uint32x4_t) -> uint32x4_t {
+        vbslq_u32(x, y, z)
+    }
+    #[inline]
+    #[target_feature(enable = "neon")]
+    fn g(x: uint32x4_t, y: uint32x4_t, z: uint32x4_t) -> uint32x4_t {
+        vbslq_u32(z, x, y)
+    }
+    #[inline]
+    #[target_feature(enable = "neon")]
+    fn h(x: uint32x4_t, y: uint32x4_t, z: uint32x4_t) -> uint32x4_t {
+        veorq_u32(veorq_u32(x, y), z)
+    }
+    #[inline]
+    #[target_feature(enable = "neon")]
+    fn i(x: uint32x4_t, y: uint32x4_t, z: uint32x4_t) -> uint32x4_t {
+        veorq_u32(y, vornq_u32(x, z))
+    }
+
+    /// One block for each of the 8 lanes (RFC 1321, 3.4), on the transposed state.
+    #[target_feature(enable = "neon")]
+    pub(super) fn compress(state: &mut [[u32; 8]; 4], blocks: [&[u8]; 8]) {
+        let mut m = [[vdupq_n_u32(0); 16]; 2];
+        let mut v = [[vdupq_n_u32(0); 4]; 2];
+        for half in 0..2 {
+            let four = &blocks[4 * half..4 * half + 4];
+            for w in [0, 4, 8, 12] {
+                m[half][w..w + 4].copy_from_slice(&load_transposed(four, w));
+            }
+            for (w, words) in state.iter().enumerate() {
+                // SAFETY: `words` is 8 u32: lanes 0-3 and 4-7 are 4 u32 each, read in place.
+                v[half][w] = unsafe { vld1q_u32(words.as_ptr().add(4 * half)) };
+            }
+        }
+        let [
+            [mut a0, mut b0, mut c0, mut d0],
+            [mut a1, mut b1, mut c1, mut d1],
+        ] = v;
+        macro_rules! step {
+            ($fun:ident, $a:ident, $b:ident, $c:ident, $d:ident, $half:expr, $k:expr, $word:expr, $s:literal) => {
+                let sum = vaddq_u32(
+                    vaddq_u32($a, vaddq_u32(vdupq_n_u32(K[$k]), m[$half][$word])),
+                    $fun($b, $c, $d),
+                );
+                let rotated = vsliq_n_u32::<$s>(vshrq_n_u32::<{ 32 - $s }>(sum), sum);
+                $a = vaddq_u32($b, rotated);
+            };
+        }
+        macro_rules! four {
+            ($fun:ident, $k:expr, [$w0:expr, $w1:expr, $w2:expr, $w3:expr], [$s0:literal, $s1:literal, $s2:literal, $s3:literal]) => {
+                step!($fun, a0, b0, c0, d0, 0, $k, $w0, $s0);
+                step!($fun, a1, b1, c1, d1, 1, $k, $w0, $s0);
+                step!($fun, d0, a0, b0, c0, 0, $k + 1, $w1, $s1);
+                step!($fun, d1, a1, b1, c1, 1, $k + 1, $w1, $s1);
+                step!($fun, c0, d0, a0, b0, 0, $k + 2, $w2, $s2);
+                step!($fun, c1, d1, a1, b1, 1, $k + 2, $w2, $s2);
+                step!($fun, b0, c0, d0, a0, 0, $k + 3, $w3, $s3);
+                step!($fun, b1, c1, d1, a1, 1, $k + 3, $w3, $s3);
+            };
+        }
+        four!(f, 0, [0, 1, 2, 3], [7, 12, 17, 22]);
+        four!(f, 4, [4, 5, 6, 7], [7, 12, 17, 22]);
+        four!(f, 8, [8, 9, 10, 11], [7, 12, 17, 22]);
+        four!(f, 12, [12, 13, 14, 15], [7, 12, 17, 22]);
+        four!(g, 16, [1, 6, 11, 0], [5, 9, 14, 20]);
+        four!(g, 20, [5, 10, 15, 4], [5, 9, 14, 20]);
+        four!(g, 24, [9, 14, 3, 8], [5, 9, 14, 20]);
+        four!(g, 28, [13, 2, 7, 12], [5, 9, 14, 20]);
+        four!(h, 32, [5, 8, 11, 14], [4, 11, 16, 23]);
+        four!(h, 36, [1, 4, 7, 10], [4, 11, 16, 23]);
+        four!(h, 40, [13, 0, 3, 6], [4, 11, 16, 23]);
+        four!(h, 44, [9, 12, 15, 2], [4, 11, 16, 23]);
+        four!(i, 48, [0, 7, 14, 5], [6, 10, 15, 21]);
+        four!(i, 52, [12, 3, 10, 1], [6, 10, 15, 21]);
+        four!(i, 56, [8, 15, 6, 13], [6, 10, 15, 21]);
+        four!(i, 60, [4, 11, 2, 9], [6, 10, 15, 21]);
+        for (half, regs) in [[a0, b0, c0, d0], [a1, b1, c1, d1]].into_iter().enumerate() {
+            for (w, x) in regs.into_iter().enumerate() {
+                let sum = vaddq_u32(v[half][w], x);
+                // SAFETY: as the load above.
+                unsafe { vst1q_u32(state[w].as_mut_ptr().add(4 * half), sum) };
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use proptest::prelude::*;
@@ -498,7 +651,7 @@ mod tests {
     /// The digests of `kernel` on `messages` given backwards, and coming late: a lane that
     /// asks without waiting gets one only every third time, as aggregates come while an
     /// event is read.
-    #[cfg(target_arch = "x86_64")]
+    #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
     fn coming_late<'a>(
         messages: &[&'a [u8]],
         kernel: impl Fn(&mut dyn FnMut(bool) -> Next<&'a [u8]>, &mut dyn FnMut(usize, [u8; 16]) -> bool),
@@ -534,6 +687,9 @@ mod tests {
                 assert_eq!(coming_late(&refs, x86::with_avx512), expected);
             }
         }
+        // Every aarch64 CPU has NEON: the kernel is always tested there.
+        #[cfg(target_arch = "aarch64")]
+        assert_eq!(coming_late(&refs, neon::with_neon), expected);
     }
 
     /// `done` saying `false` stops the work: nothing more is handed over.
