@@ -228,12 +228,28 @@ fn binary() -> String {
         .unwrap_or_else(|_| env!("CARGO_BIN_EXE_kinesis-deagg").into())
 }
 
+/// The command that starts the binary under test. `KINESIS_DEAGG_RUNNER`, when set, is a
+/// command line (split on whitespace) the binary is run through: `make test-arm64` runs the
+/// aarch64 builds with `qemu-aarch64-static -L /usr/aarch64-linux-gnu`.
+fn function_command() -> Command {
+    let runner = std::env::var("KINESIS_DEAGG_RUNNER").unwrap_or_default();
+    let mut runner = runner.split_whitespace();
+    match runner.next() {
+        Some(program) => {
+            let mut cmd = Command::new(program);
+            cmd.args(runner).arg(binary());
+            cmd
+        }
+        None => Command::new(binary()),
+    }
+}
+
 fn start_function(api: &RuntimeApi, env: &[(&str, &str)]) -> Function {
     start_function_logging_to(api, env, Stdio::null())
 }
 
 fn start_function_logging_to(api: &RuntimeApi, env: &[(&str, &str)], stderr: Stdio) -> Function {
-    let mut cmd = Command::new(binary());
+    let mut cmd = function_command();
     cmd.env("AWS_LAMBDA_RUNTIME_API", format!("127.0.0.1:{}", api.port))
         .env("AWS_LAMBDA_FUNCTION_NAME", "deagg")
         .env("AWS_LAMBDA_FUNCTION_MEMORY_SIZE", "512")
@@ -317,6 +333,35 @@ fn the_binary_serves_several_events_through_the_runtime_api() {
         event_json(vec![plain("600", "k", b"{}")]).to_string(),
     );
     assert_eq!(api.reply(), Reply::Response("after".into(), failures(&[])));
+}
+
+/// Each sample event in events/, one invocation each, gives the response in events/expected/
+/// (under the `json` transform). `make test-arm64` also runs this one on cargo-lambda's arm64
+/// bootstrap, under qemu.
+#[test]
+fn each_sample_event_through_the_runtime_api_gives_its_expected_response() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("events");
+    let mut names: Vec<String> = std::fs::read_dir(dir.join("expected"))
+        .unwrap()
+        .map(|entry| entry.unwrap().file_name().into_string().unwrap())
+        .filter(|name| name.ends_with(".json"))
+        .collect();
+    names.sort();
+    assert!(names.len() >= 6, "sample events: {names:?}");
+    let api = RuntimeApi::start();
+    let _function = start_function(&api, &[("DEAGG_TRANSFORM", "json")]);
+    for name in &names {
+        api.push(name, std::fs::read_to_string(dir.join(name)).unwrap());
+        let expected: Value = serde_json::from_str(
+            &std::fs::read_to_string(dir.join("expected").join(name)).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(
+            api.reply(),
+            Reply::Response(name.clone(), expected),
+            "events/{name}"
+        );
+    }
 }
 
 #[test]
@@ -570,7 +615,7 @@ fn with_a_max_concurrency_invocations_overlap_and_each_is_answered_for_itself() 
         "kinesis-deagg-concurrency-{}.out",
         std::process::id()
     ));
-    let mut cmd = Command::new(binary());
+    let mut cmd = function_command();
     cmd.env("AWS_LAMBDA_RUNTIME_API", format!("127.0.0.1:{}", api.port))
         .env("AWS_LAMBDA_FUNCTION_NAME", "deagg")
         .env("AWS_LAMBDA_FUNCTION_MEMORY_SIZE", "512")
