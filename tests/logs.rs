@@ -4,7 +4,7 @@
 
 mod common;
 
-use std::process::{Command, Output, Stdio};
+use std::process::{Output, Stdio};
 
 use common::*;
 use serde_json::Value;
@@ -19,7 +19,7 @@ fn invoke(env: &[(&str, &str)], event: &str) -> Output {
     use std::io::Write;
     let binary = std::env::var("KINESIS_DEAGG_BIN")
         .unwrap_or_else(|_| env!("CARGO_BIN_EXE_kinesis-deagg").into());
-    let mut child = Command::new(binary)
+    let mut child = command(&binary)
         .args(["invoke", "-"])
         .env_remove("AWS_LAMBDA_RUNTIME_API")
         .env_remove("AWS_LAMBDA_LOG_LEVEL")

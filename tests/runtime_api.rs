@@ -228,20 +228,9 @@ fn binary() -> String {
         .unwrap_or_else(|_| env!("CARGO_BIN_EXE_kinesis-deagg").into())
 }
 
-/// The command that starts the binary under test. `KINESIS_DEAGG_RUNNER`, when set, is a
-/// command line (split on whitespace) the binary is run through: `make test-arm64` runs the
-/// aarch64 builds with `qemu-aarch64-static -L /usr/aarch64-linux-gnu`.
+/// The command that starts the binary under test (through `KINESIS_DEAGG_RUNNER` when set).
 fn function_command() -> Command {
-    let runner = std::env::var("KINESIS_DEAGG_RUNNER").unwrap_or_default();
-    let mut runner = runner.split_whitespace();
-    match runner.next() {
-        Some(program) => {
-            let mut cmd = Command::new(program);
-            cmd.args(runner).arg(binary());
-            cmd
-        }
-        None => Command::new(binary()),
-    }
+    command(&binary())
 }
 
 fn start_function(api: &RuntimeApi, env: &[(&str, &str)]) -> Function {

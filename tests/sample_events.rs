@@ -1,8 +1,9 @@
 //! The sample events in events/: each gives the response paired with it in events/expected/
 //! (under the `json` transform), and `make events` rebuilds each one byte for byte.
 
+mod common;
+
 use std::path::Path;
-use std::process::Command;
 
 use kinesis_deagg::event::KinesisEvent;
 use kinesis_deagg::transform::{Builtin, BuiltinTransform};
@@ -41,7 +42,7 @@ async fn each_sample_event_gives_its_expected_response() {
 #[test]
 fn make_events_rebuilds_each_sample_event_byte_for_byte() {
     for (name, flags) in EVENTS {
-        let out = Command::new(env!("CARGO_BIN_EXE_kinesis-deagg"))
+        let out = common::command(env!("CARGO_BIN_EXE_kinesis-deagg"))
             .arg("aggregate")
             .args(flags)
             .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("events/src/{name}.ndjson")))

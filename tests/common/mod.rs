@@ -54,8 +54,8 @@ pub fn corrupt_aggregate_bytes() -> Vec<u8> {
 /// it reads, and pipes are small.
 pub fn run_binary(args: &[&str], env: &[(&str, &str)], stdin: &str) -> std::process::Output {
     use std::io::Write;
-    use std::process::{Command, Stdio};
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_kinesis-deagg"));
+    use std::process::Stdio;
+    let mut cmd = command(env!("CARGO_BIN_EXE_kinesis-deagg"));
     cmd.args(args)
         .env_remove("AWS_LAMBDA_RUNTIME_API")
         .env("RUST_LOG", "warn")
@@ -70,6 +70,22 @@ pub fn run_binary(args: &[&str], env: &[(&str, &str)], stdin: &str) -> std::proc
     let out = child.wait_with_output().unwrap();
     let _ = writer.join();
     out
+}
+
+/// A command that runs `program`, through `KINESIS_DEAGG_RUNNER` when that is set: a command
+/// line, split on whitespace, that the program is passed to (`make test-arm64` runs the
+/// aarch64 builds with `qemu-aarch64-static -L /usr/aarch64-linux-gnu`).
+pub fn command(program: &str) -> std::process::Command {
+    let runner = std::env::var("KINESIS_DEAGG_RUNNER").unwrap_or_default();
+    let mut runner = runner.split_whitespace();
+    match runner.next() {
+        Some(first) => {
+            let mut cmd = std::process::Command::new(first);
+            cmd.args(runner).arg(program);
+            cmd
+        }
+        None => std::process::Command::new(program),
+    }
 }
 
 pub fn event_json(records: Vec<Value>) -> Value {
