@@ -35,7 +35,7 @@ ARM64_ENV      := CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_LINKER=aarch64-linux-gn
 # The integration tests run under qemu; concurrent_progress (timing, which qemu distorts) and
 # cross_compat (the official aggregators' bytes, the same on every target) are left out.
 ARM64_TESTS    := partial_failures kpl_properties real_kpl_output bad_input allocations memory \
-                  runtime_api cli sample_events metrics logs typed_transform
+                  runtime_api cli sample_events metrics logs typed_transform concurrent_progress
 
 .PHONY: arm64-tools
 arm64-tools: ## Install what test-arm64 needs, if missing: the rustup target, qemu-user and the cross gcc (apt).
