@@ -32,8 +32,8 @@ ARM64_RELEASE  := target/$(ARM64_TARGET)/release
 # Cross-link with Debian's gcc, run test binaries under qemu-user.
 ARM64_ENV      := CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_LINKER=aarch64-linux-gnu-gcc \
                   CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_RUNNER="$(ARM64_RUNNER)"
-# The integration tests run under qemu; concurrent_progress (timing, which qemu distorts) and
-# cross_compat (the official aggregators' bytes, the same on every target) are left out.
+# The integration tests run under qemu; cross_compat (the official aggregators' bytes, the
+# same on every target) is left out.
 ARM64_TESTS    := partial_failures kpl_properties real_kpl_output bad_input allocations memory \
                   runtime_api cli sample_events metrics logs typed_transform concurrent_progress
 
@@ -55,6 +55,18 @@ test-arm64: arm64-tools lambda-tools ## The Rust tests for aarch64 under qemu, a
 	cargo lambda build --release --arm64
 	$(ARM64_ENV) KINESIS_DEAGG_BIN=$(CURDIR)/target/lambda/kinesis-deagg/bootstrap KINESIS_DEAGG_RUNNER="$(ARM64_RUNNER)" \
 	  cargo test --release --target $(ARM64_TARGET) --test runtime_api each_sample_event
+
+.PHONY: fuzz-arm64
+fuzz-arm64: arm64-tools ## The md5_many fuzz target (its NEON kernel) built for aarch64 and run under qemu, FUZZ_SECONDS (outside CI).
+	@dpkg -s g++-aarch64-linux-gnu > /dev/null 2>&1 || apt-get install -y -qq g++-aarch64-linux-gnu > /dev/null
+	@rustup target list --installed --toolchain nightly | grep -q $(ARM64_TARGET) || rustup target add $(ARM64_TARGET) --toolchain nightly
+	@# No sanitizer: qemu-user cannot host ASan's shadow memory.
+	cd fuzz && CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_LINKER=aarch64-linux-gnu-gcc \
+	  CXX_aarch64_unknown_linux_gnu=aarch64-linux-gnu-g++ CC_aarch64_unknown_linux_gnu=aarch64-linux-gnu-gcc \
+	  cargo +nightly fuzz build -O -s none --target $(ARM64_TARGET) md5_many
+	mkdir -p fuzz/corpus/md5_many
+	$(ARM64_RUNNER) fuzz/target/$(ARM64_TARGET)/release/md5_many -max_total_time=$(FUZZ_SECONDS) \
+	  fuzz/corpus/md5_many fuzz/seeds/md5_many
 
 .PHONY: walkthrough-check
 walkthrough-check: deps ## Follow docs/your-own-function.md from an empty directory (make test runs it).
