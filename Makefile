@@ -160,6 +160,24 @@ bench-kpl: ## Criterion benchmarks of deaggregation and the handler (benches/dea
 	cargo bench --bench deaggregate
 
 CARGO_FUZZ_VERSION := 0.13.1
+CARGO_MUTANTS_VERSION := 27.1.0
+# What `make mutants` mutates (the sink and window modules join once they exist), and extra
+# cargo-mutants options, e.g. MUTANTS_ARGS="--file src/metrics.rs" or "--in-diff my.diff".
+MUTANTS_FILES ?= src/kpl/ src/event/ src/batch.rs src/transform.rs src/metrics.rs
+MUTANTS_ARGS ?=
+# The tests each mutant is tried against: the unit tests and every integration test but
+# `memory` (its limits hold for release builds only); cross_compat needs `make deps`. The
+# doctests are left out (slow to build; what they show, the unit tests check).
+MUTANTS_TESTS := --lib $(patsubst tests/%.rs,--test %,$(filter-out tests/memory.rs,$(wildcard tests/*.rs)))
+
+.PHONY: mutants
+mutants: deps ## Mutation testing (cargo-mutants, pinned, installed if missing) of MUTANTS_FILES; results in mutants.out/. Long: not in CI.
+	@cargo mutants --version 2>/dev/null | grep -q '$(CARGO_MUTANTS_VERSION)' || \
+	  cargo install cargo-mutants --version $(CARGO_MUTANTS_VERSION) --locked
+	@# The tests must run the mutated binary, not a release build named by KINESIS_DEAGG_BIN.
+	env -u KINESIS_DEAGG_BIN cargo mutants -j 1 --timeout-multiplier 3 \
+	  $(foreach f,$(MUTANTS_FILES),--file '$(f)$(if $(filter %/,$(f)),**)') $(MUTANTS_ARGS) \
+	  -- $(MUTANTS_TESTS)
 
 fuzz: ## Fuzz the deaggregator, the event parser and md5_many, FUZZ_SECONDS each (cargo +nightly fuzz).
 	@cargo fuzz --version 2>/dev/null | grep -q '$(CARGO_FUZZ_VERSION)' || \

@@ -11,7 +11,7 @@ use std::process::{Command, Stdio};
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
 use kinesis_deagg::event::KinesisEvent;
-use kinesis_deagg::kpl::{Aggregator, Deaggregated, deaggregate};
+use kinesis_deagg::kpl::{Aggregator, Deaggregated, UserRecord, deaggregate, effective_hash_key};
 use serde_json::{Value, json};
 
 /// A user record as the tests compare it: partition key, explicit hash key, data.
@@ -260,4 +260,106 @@ fn the_official_modules_misreport_a_missing_explicit_hash_key_and_we_do_not() {
     };
     let ours: Vec<_> = ours.collect();
     assert_eq!(ours[1].explicit_hash_key(), None);
+}
+
+/// Partition keys of every kind (ASCII, unicode, long, integer-like), each without an explicit
+/// hash key and with one of several sizes (0, 1, 2^127, 2^128 - 1, others). Never an empty partition key:
+/// the Node aggregator refuses them (the empty key's MD5 is checked in the unit tests).
+fn hash_key_cases() -> Vec<(String, Option<String>)> {
+    let mut keys: Vec<String> = (0..400)
+        .map(|i| match i % 5 {
+            0 => format!("user-{i}"),
+            1 => format!("ключ-{i}-été"),
+            2 => format!("k{i}{}", "x".repeat(i % 250)),
+            3 => format!("device:{}", i * 7919),
+            _ => format!("{i}"),
+        })
+        .collect();
+    keys.extend(
+        [
+            "a",
+            "0",
+            "42",
+            " ",
+            "\u{0}",
+            "日本語のキー",
+            "emoji-🦀",
+            "tab\tkey",
+        ]
+        .map(String::from),
+    );
+    keys.push("z".repeat(256));
+    keys.sort();
+    keys.dedup();
+    let mut cases: Vec<_> = keys.iter().map(|k| (k.clone(), None)).collect();
+    let explicit = [
+        "0".to_owned(),
+        "1".to_owned(),
+        "170141183460469231731687303715884105728".to_owned(),
+        u128::MAX.to_string(),
+    ];
+    for (i, k) in keys.iter().enumerate().step_by(7) {
+        let ehk = match explicit.get(i % 11) {
+            Some(e) => e.clone(),
+            None => {
+                ((u128::from(i as u64 + 1) * 0x1234_5678_9ABC_DEF1_u128) << (i % 60)).to_string()
+            }
+        };
+        cases.push((k.clone(), Some(ehk)));
+    }
+    cases
+}
+
+fn theirs_hash_keys(
+    program: PathBuf,
+    script: &str,
+    cases: &[(String, Option<String>)],
+) -> Vec<String> {
+    let input: String = cases
+        .iter()
+        .map(|(pk, ehk)| json!({"partitionKey": pk, "explicitHashKey": ehk}).to_string() + "\n")
+        .collect();
+    drive(program, script, "hashkey", &input)
+        .iter()
+        .map(|v| v["hashKey"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+/// The hash key that decides the shard, for many keys with and without an explicit one: ours
+/// (the function, a plain user record's, a deaggregated user record's) is what the official
+/// Python and Node modules send Kinesis.
+#[test]
+fn the_effective_hash_key_is_the_official_modules() {
+    let cases = hash_key_cases();
+    assert!(cases.len() > 300 && cases.iter().filter(|(_, e)| e.is_some()).count() > 40);
+    let ours: Vec<String> = cases
+        .iter()
+        .map(|(pk, ehk)| effective_hash_key(pk, ehk.as_deref()).unwrap().to_string())
+        .collect();
+    let plain: Vec<String> = cases
+        .iter()
+        .map(|(pk, ehk)| {
+            UserRecord::plain(pk, ehk.as_deref(), "x".into())
+                .hash_key()
+                .unwrap()
+                .to_string()
+        })
+        .collect();
+    assert_eq!(plain, ours);
+    let mut agg = Aggregator::new();
+    let mut aggregates = Vec::new();
+    for (pk, ehk) in &cases {
+        aggregates.extend(agg.add(pk, ehk.as_deref(), b"x").unwrap());
+    }
+    aggregates.extend(agg.finish());
+    let mut deaggregated = Vec::new();
+    for a in aggregates {
+        let Ok(Deaggregated::Aggregated(users)) = deaggregate(a.data) else {
+            panic!("not an aggregate")
+        };
+        deaggregated.extend(users.map(|u| u.hash_key().unwrap().to_string()));
+    }
+    assert_eq!(deaggregated, ours);
+    assert_eq!(theirs_hash_keys(python(), "python_compat.py", &cases), ours);
+    assert_eq!(theirs_hash_keys(node(), "node_compat.js", &cases), ours);
 }

@@ -330,3 +330,78 @@ fn json_logs_carry_the_shard_and_the_record() {
     assert_eq!(failure["fields"]["sub_sequence_number"], 2);
     assert_eq!(failure["span"]["shard_id"], "shardId-000000000000");
 }
+
+/// Every count of the document, non-zero, against values worked out here from the event the
+/// test wrote (the bytes from its base64), not from the counts the code keeps.
+#[tokio::test]
+async fn every_count_is_exact_on_a_batch_of_each_kind_of_record() {
+    use base64::Engine;
+    use base64::engine::general_purpose::STANDARD;
+    // An aggregate with a key table and no user record.
+    let empty = |key: u8| envelope(&[&[0x0A, 20][..], &[key; 20]].concat());
+    let mut mismatch = aggregate("x", &[("m", b"mm")])["kinesis"]["data"]
+        .as_str()
+        .map(|d| STANDARD.decode(d).unwrap())
+        .unwrap();
+    *mismatch.last_mut().unwrap() ^= 1;
+    let records = vec![
+        plain("1", "k", b"hello world"),
+        aggregate("2", &[("a", b"one"), ("b", b"two"), ("c", &[7; 300])]),
+        plain("3", "k", &empty(b'p')),
+        aggregate("4", &[("d", b""), ("e", b"five!")]),
+        plain("5", "k", &mismatch),
+        plain("6", "k", &empty(b'q')),
+        plain("7", "k", b""),
+        record("8", "k", "not base64!"),
+    ];
+    let expected_bytes: usize = records
+        .iter()
+        .map(|r| {
+            let text = r["kinesis"]["data"].as_str().unwrap();
+            STANDARD.decode(text).map_or(0, |d| d.len())
+        })
+        .sum();
+    // 11 + two aggregates of 300 bytes or more + 2 * 44 + ...: well past any small count.
+    assert!(expected_bytes > 11 + 300 + 5 + 2 * 44, "{expected_bytes}");
+    let e = event(records);
+    let ok = |_: UserRecord, _: RecordContext| async { Ok::<(), Error>(()) };
+    let outcome = batch::process(&e.records, &ok, &Settings::default(), None).await;
+    let doc = document("NS", &dims(), &outcome, at(1_700_000_001.0), Duration::ZERO);
+    assert_valid_emf(&doc);
+    let counts: Vec<(&str, f64)> = [
+        "KinesisRecords",
+        "UserRecords",
+        "AggregatedRecords",
+        "Bytes",
+        "FailedRecords",
+        "TransformErrors",
+        "CorruptRecordsFailed",
+        "CorruptRecordsPassedThrough",
+        "CorruptRecordsSkipped",
+        "ChecksumMismatches",
+        "EmptyAggregates",
+    ]
+    .into_iter()
+    .map(|name| (name, doc[name].as_f64().unwrap()))
+    .collect();
+    assert_eq!(
+        counts,
+        [
+            ("KinesisRecords", 8.0),
+            // 1 + 3 + 0 + 2 + 1 (the mismatch, raw) + 0 + 1; the corrupt record none.
+            ("UserRecords", 8.0),
+            // Both empty aggregates and both with user records.
+            ("AggregatedRecords", 4.0),
+            ("Bytes", expected_bytes as f64),
+            // The corrupt record (DEAGG_ON_CORRUPT=fail), the batch's last.
+            ("FailedRecords", 1.0),
+            ("TransformErrors", 0.0),
+            ("CorruptRecordsFailed", 1.0),
+            ("CorruptRecordsPassedThrough", 0.0),
+            ("CorruptRecordsSkipped", 0.0),
+            ("ChecksumMismatches", 1.0),
+            ("EmptyAggregates", 2.0),
+        ]
+    );
+    assert_eq!(doc["MaxRecordAgeMs"], 500.0);
+}

@@ -506,20 +506,48 @@ mod deaggregate_all_matches_one_by_one {
         }
     }
 
+    /// Each result's kind, bytes and user records field by field: what `check` compares
+    /// besides `PartialEq` (hand-written for `UserRecord`, so not to be the only check).
+    type Seen = Result<(&'static str, Vec<u8>, Vec<Visible>), DeaggError>;
+
+    fn seen(results: &[Result<Deaggregated, DeaggError>]) -> Vec<Seen> {
+        results
+            .iter()
+            .map(|r| match r {
+                Ok(Deaggregated::Plain(d)) => Ok(("plain", d.to_vec(), vec![])),
+                Ok(Deaggregated::ChecksumMismatch(d)) => Ok(("mismatch", d.to_vec(), vec![])),
+                Ok(Deaggregated::Aggregated(users)) => Ok((
+                    "aggregated",
+                    vec![],
+                    users.clone().map(|u| visible(&u)).collect(),
+                )),
+                Err(e) => Err(e.clone()),
+            })
+            .collect()
+    }
+
+    fn assert_same(
+        ours: &[Result<Deaggregated, DeaggError>],
+        expected: &[Result<Deaggregated, DeaggError>],
+    ) {
+        assert_eq!(seen(ours), seen(expected));
+        assert_eq!(ours, expected);
+    }
+
     fn check(records: &[Bytes]) {
         for verify in [true, false] {
             let one_by_one: Vec<_> = records
                 .iter()
                 .map(|r| deaggregate_with(r.clone(), verify))
                 .collect();
-            assert_eq!(deaggregate_all(records, verify), one_by_one);
+            assert_same(&deaggregate_all(records, verify), &one_by_one);
             let each: Vec<_> = deaggregate_each(records, verify).collect();
-            assert_eq!(each, one_by_one);
+            assert_same(&each, &one_by_one);
             // Whatever the batch's size and the machine's cores, the helper thread's way.
             let shared: Vec<_> = Verifier::started()
                 .deaggregate_each(records, verify)
                 .collect();
-            assert_eq!(shared, one_by_one);
+            assert_same(&shared, &one_by_one);
         }
         // The aggregates pushed while the batch was read: all of them, some, or copies that
         // are not the batch's buffers (their verdicts must not be taken).
@@ -533,7 +561,7 @@ mod deaggregate_all_matches_one_by_one {
                 verifier.push(data);
             }
             let early: Vec<_> = verifier.deaggregate_each(records, true).collect();
-            assert_eq!(early, one_by_one_verified(records));
+            assert_same(&early, &one_by_one_verified(records));
         }
     }
 
@@ -646,4 +674,182 @@ fn large_aggregates_are_counted_right_before_they_are_read() {
     assert_eq!(wire::count_records(&body), 6);
     // Truncated in a record's length: what it read.
     assert_eq!(wire::count_records(&body[..body.len() - 2]), 6);
+}
+
+/// What a caller can see of a user record, field by field, without its `PartialEq`.
+type Visible = (Option<u64>, String, Option<String>, Vec<u8>, bool);
+
+fn visible(u: &UserRecord) -> Visible {
+    (
+        u.sub_sequence_number(),
+        u.partition_key().to_owned(),
+        u.explicit_hash_key().map(str::to_owned),
+        u.data().to_vec(),
+        u.has_lossy_keys(),
+    )
+}
+
+/// A user record with the keys laid out in its own table: `prefix` before them, so that two
+/// records with the same keys can keep them at different offsets.
+fn laid_out(
+    prefix: &str,
+    sub: Option<u64>,
+    pk: &str,
+    ehk: Option<&str>,
+    data: &'static [u8],
+    lossy: bool,
+) -> UserRecord {
+    let mut keys = KeyTable::default();
+    keys.push(prefix);
+    let partition_key = keys.push(pk);
+    let explicit_hash_key = ehk.map(|k| keys.push(k));
+    UserRecord {
+        sub_sequence_number: sub,
+        keys: keys.text.into(),
+        partition_key,
+        explicit_hash_key,
+        data: Bytes::from_static(data),
+        lossy_keys: lossy,
+    }
+}
+
+#[test]
+fn user_records_are_equal_exactly_when_every_visible_field_is() {
+    let base = || laid_out("", Some(3), "pk", Some("42"), b"data", false);
+    // Equal: the same fields, the keys elsewhere in another table.
+    let moved = laid_out("some other keys", Some(3), "pk", Some("42"), b"data", false);
+    assert_eq!(visible(&moved), visible(&base()));
+    assert_eq!(moved, base());
+    assert_eq!(base(), base().clone());
+    // Not equal: each field changed alone, in either order of comparison.
+    let differing = [
+        (
+            "sub_sequence_number",
+            laid_out("", Some(4), "pk", Some("42"), b"data", false),
+        ),
+        (
+            "sub_sequence_number None",
+            laid_out("", None, "pk", Some("42"), b"data", false),
+        ),
+        (
+            "partition_key",
+            laid_out("", Some(3), "pK", Some("42"), b"data", false),
+        ),
+        (
+            "explicit_hash_key",
+            laid_out("", Some(3), "pk", Some("43"), b"data", false),
+        ),
+        (
+            "explicit_hash_key None",
+            laid_out("", Some(3), "pk", None, b"data", false),
+        ),
+        (
+            "data",
+            laid_out("", Some(3), "pk", Some("42"), b"datA", false),
+        ),
+        (
+            "lossy_keys",
+            laid_out("", Some(3), "pk", Some("42"), b"data", true),
+        ),
+    ];
+    for (field, other) in &differing {
+        assert_ne!(visible(other), visible(&base()), "{field}");
+        assert!(*other != base(), "differ in {field} only, yet equal");
+        assert!(base() != *other, "differ in {field} only, yet equal");
+    }
+}
+
+#[test]
+fn a_user_records_debug_shows_every_visible_field() {
+    let r = laid_out("x", Some(2), "pk", Some("42"), b"hi", true);
+    assert_eq!(
+        format!("{r:?}"),
+        r#"UserRecord { sub_sequence_number: Some(2), partition_key: "pk", explicit_hash_key: Some("42"), data: b"hi", lossy_keys: true }"#
+    );
+    let plain = UserRecord::plain("k", None, Bytes::new());
+    assert_eq!(
+        format!("{plain:?}"),
+        r#"UserRecord { sub_sequence_number: None, partition_key: "k", explicit_hash_key: None, data: b"", lossy_keys: false }"#
+    );
+}
+
+#[test]
+fn a_plain_user_record_holds_its_keys_and_data() {
+    let data = Bytes::from_static(b"payload");
+    let with = UserRecord::plain("user-1", Some("12345"), data.clone());
+    assert_eq!(
+        visible(&with),
+        (
+            None,
+            "user-1".into(),
+            Some("12345".into()),
+            b"payload".to_vec(),
+            false
+        )
+    );
+    let without = UserRecord::plain("user-2", None, Bytes::new());
+    assert_eq!(
+        visible(&without),
+        (None, "user-2".into(), None, Vec::new(), false)
+    );
+    let shared = UserRecord::plain_shared(Arc::from("shared-key"), data.clone());
+    assert_eq!(
+        visible(&shared),
+        (None, "shared-key".into(), None, b"payload".to_vec(), false)
+    );
+}
+
+#[test]
+fn into_data_gives_the_payload_without_a_copy() {
+    let data = Bytes::from(b"payload".to_vec());
+    let r = UserRecord::plain("k", None, data.clone());
+    let out = r.into_data();
+    assert_eq!(&out[..], b"payload");
+    assert_eq!(out.as_ptr(), data.as_ptr(), "copied");
+    let d = message(&[b"k"], &[], vec![record(Some(0), None, Some(b"inside"))]);
+    let Ok(Deaggregated::Aggregated(mut users)) = deaggregate(d) else {
+        panic!()
+    };
+    assert_eq!(&users.next().unwrap().into_data()[..], b"inside");
+}
+
+#[test]
+fn the_hash_key_is_the_explicit_one_else_the_md5_of_the_partition_key() {
+    // MD5s from RFC 1321's test suite, as 128-bit big-endian integers.
+    let md5 = |hex: &str| u128::from_str_radix(hex, 16).unwrap();
+    for (pk, hex) in [
+        ("", "d41d8cd98f00b204e9800998ecf8427e"),
+        ("a", "0cc175b9c0f1b6a831c399e269772661"),
+        ("abc", "900150983cd24fb0d6963f7d28e17f72"),
+        ("message digest", "f96b697d7cb7938d525a2f31aaf161d0"),
+    ] {
+        assert_eq!(effective_hash_key(pk, None), Some(md5(hex)), "{pk:?}");
+        assert_eq!(
+            UserRecord::plain(pk, None, Bytes::new()).hash_key(),
+            Some(md5(hex))
+        );
+    }
+    let max = u128::MAX.to_string();
+    for (ehk, expected) in [
+        ("0", Some(0)),
+        ("1", Some(1)),
+        ("2", Some(2)),
+        ("12345678901234567890", Some(12345678901234567890)),
+        (max.as_str(), Some(u128::MAX)),
+        // 2^128: too large.
+        ("340282366920938463463374607431768211456", None),
+        ("", None),
+        ("-1", None),
+        // Rust's integer parser takes a sign; a hash key is digits only.
+        ("+1", None),
+        ("+0", None),
+        (" 1", None),
+        ("1 ", None),
+        ("0x10", None),
+        ("1e3", None),
+    ] {
+        assert_eq!(effective_hash_key("a", Some(ehk)), expected, "{ehk:?}");
+        let r = UserRecord::plain("a", Some(ehk), Bytes::new());
+        assert_eq!(r.hash_key(), expected, "{ehk:?}");
+    }
 }

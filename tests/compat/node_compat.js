@@ -2,6 +2,7 @@
 //
 //   node_compat.js aggregate    JSON lines of user records on stdin -> JSON lines of Kinesis records
 //   node_compat.js deaggregate  a Lambda Kinesis event on stdin     -> JSON lines of user records
+//   node_compat.js hashkey      JSON lines of user records on stdin -> JSON lines {"hashKey"}
 //
 // User records: {"partitionKey", "explicitHashKey" (or null), "data" (base64)}.
 'use strict';
@@ -45,4 +46,23 @@ function deaggregate() {
   }
 }
 
-({ aggregate, deaggregate })[process.argv[2]]();
+// The hash key Kinesis maps each user record to, as the module sends it: the ExplicitHashKey it
+// puts on the aggregate of that one record, else (it sends none) what Kinesis computes from the
+// partition key it puts: its MD5 as a 128-bit big-endian integer.
+async function hashkey() {
+  const crypto = require('crypto');
+  for (const l of input.split('\n').filter((l) => l.trim())) {
+    const u = JSON.parse(l);
+    const r = { partitionKey: u.partitionKey, data: Buffer.from('x') };
+    if (u.explicitHashKey !== null && u.explicitHashKey !== undefined) r.explicitHashKey = u.explicitHashKey;
+    await new Promise((resolve, reject) => {
+      agg.aggregate([r], (encoded, done) => {
+        const md5 = crypto.createHash('md5').update(encoded.partitionKey, 'utf8').digest('hex');
+        emit({ hashKey: encoded.ExplicitHashKey || BigInt('0x' + md5).toString() });
+        done();
+      }, resolve, reject);
+    });
+  }
+}
+
+({ aggregate, deaggregate, hashkey })[process.argv[2]]();
