@@ -405,3 +405,55 @@ async fn every_count_is_exact_on_a_batch_of_each_kind_of_record() {
     );
     assert_eq!(doc["MaxRecordAgeMs"], 500.0);
 }
+
+#[tokio::test]
+async fn a_custom_counter_is_left_out_only_when_its_name_is_taken_empty_too_long_or_aws() {
+    let long_ok = "L".repeat(255);
+    let too_long = "T".repeat(256);
+    let names = [
+        "Kept".to_owned(),
+        long_ok.clone(),
+        too_long.clone(),
+        String::new(),
+        "_aws".to_owned(),
+        "FunctionName".to_owned(),
+        "Bytes".to_owned(),
+    ];
+    let e = event(vec![plain("1", "k", b"x")]);
+    let custom = move |_: UserRecord, c: RecordContext| {
+        let names = names.clone();
+        async move {
+            for name in &names {
+                c.metrics().add(name, 5.0);
+            }
+            Ok::<(), Error>(())
+        }
+    };
+    let outcome = batch::process(&e.records, &custom, &Settings::default(), None).await;
+    let doc = document("NS", &dims(), &outcome, at(1_700_000_000.0), Duration::ZERO);
+    let names = assert_valid_emf(&doc);
+    let custom: Vec<&str> = names
+        .iter()
+        .map(String::as_str)
+        .filter(|n| {
+            [
+                "Kept",
+                long_ok.as_str(),
+                too_long.as_str(),
+                "",
+                "_aws",
+                "FunctionName",
+            ]
+            .contains(n)
+        })
+        .collect();
+    assert_eq!(custom, ["Kept", long_ok.as_str()]);
+    assert_eq!(
+        (doc["Kept"].as_f64(), doc[&long_ok].as_f64()),
+        (Some(5.0), Some(5.0))
+    );
+    assert!(doc.get(&too_long).is_none() && doc.get("").is_none());
+    assert_eq!(doc["FunctionName"], "f");
+    assert_eq!(doc["Bytes"], 1.0, "the built-in wins");
+    assert!(doc["_aws"].is_object());
+}
