@@ -267,26 +267,24 @@ pub enum StopReason {
 impl std::fmt::Display for StopReason {
     /// A sentence for the log: `transform failed on user record 3: <its error>`.
     fn fmt(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-        let user_record = |f: &mut std::fmt::Formatter, sub: &Option<u64>| match sub {
-            Some(sub) => write!(f, " on user record {sub}"),
-            None => Ok(()),
-        };
         match self {
             StopReason::Corrupt(e) => write!(f, "corrupt record: {}", e.kind),
             StopReason::TransformError {
                 sub_sequence_number,
                 message,
-            } => {
-                f.write_str("transform failed")?;
-                user_record(f, sub_sequence_number)?;
-                write!(f, ": {message}")
             }
-            StopReason::TransformPanic {
+            | StopReason::TransformPanic {
                 sub_sequence_number,
                 message,
             } => {
-                f.write_str("transform panicked")?;
-                user_record(f, sub_sequence_number)?;
+                let failed = match self {
+                    StopReason::TransformPanic { .. } => "transform panicked",
+                    _ => "transform failed",
+                };
+                f.write_str(failed)?;
+                if let Some(sub) = sub_sequence_number {
+                    write!(f, " on user record {sub}")?;
+                }
                 write!(f, ": {message}")
             }
             StopReason::Deadline => f.write_str("deadline margin reached"),

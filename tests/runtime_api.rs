@@ -238,13 +238,22 @@ fn start_function(api: &RuntimeApi, env: &[(&str, &str)]) -> Function {
 }
 
 fn start_function_logging_to(api: &RuntimeApi, env: &[(&str, &str)], stderr: Stdio) -> Function {
+    start_function_with(api, env, Stdio::null(), stderr)
+}
+
+fn start_function_with(
+    api: &RuntimeApi,
+    env: &[(&str, &str)],
+    stdout: Stdio,
+    stderr: Stdio,
+) -> Function {
     let mut cmd = function_command();
     cmd.env("AWS_LAMBDA_RUNTIME_API", format!("127.0.0.1:{}", api.port))
         .env("AWS_LAMBDA_FUNCTION_NAME", "deagg")
         .env("AWS_LAMBDA_FUNCTION_MEMORY_SIZE", "512")
         .env("AWS_LAMBDA_FUNCTION_VERSION", "$LATEST")
         .env_remove("RUST_LOG")
-        .stdout(Stdio::null())
+        .stdout(stdout)
         .stderr(stderr);
     for (k, v) in env {
         cmd.env(k, v);
@@ -604,17 +613,15 @@ fn with_a_max_concurrency_invocations_overlap_and_each_is_answered_for_itself() 
         "kinesis-deagg-concurrency-{}.out",
         std::process::id()
     ));
-    let mut cmd = function_command();
-    cmd.env("AWS_LAMBDA_RUNTIME_API", format!("127.0.0.1:{}", api.port))
-        .env("AWS_LAMBDA_FUNCTION_NAME", "deagg")
-        .env("AWS_LAMBDA_FUNCTION_MEMORY_SIZE", "512")
-        .env("AWS_LAMBDA_FUNCTION_VERSION", "$LATEST")
-        .env("AWS_LAMBDA_MAX_CONCURRENCY", "4")
-        .env("DEAGG_TRANSFORM", "json")
-        .env_remove("RUST_LOG")
-        .stdout(std::fs::File::create(&stdout).unwrap())
-        .stderr(Stdio::null());
-    let function = Function(cmd.spawn().unwrap());
+    let function = start_function_with(
+        &api,
+        &[
+            ("AWS_LAMBDA_MAX_CONCURRENCY", "4"),
+            ("DEAGG_TRANSFORM", "json"),
+        ],
+        std::fs::File::create(&stdout).unwrap().into(),
+        Stdio::null(),
+    );
     let started = std::time::Instant::now();
     while api.shared.waiting.load(SeqCst) < 4 {
         assert!(
