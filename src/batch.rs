@@ -22,7 +22,9 @@ use crate::event::EventRecord;
 use crate::kpl::{DeaggError, Deaggregated, UserRecord, UserRecords, Verifier, deaggregate_with};
 use crate::lookahead::{self, Keyed, Lookahead};
 use crate::settings::Settings;
-use crate::transform::{Batch, RecordContext, Transform};
+use crate::sink::outbox::{Driver, Outbox, Report};
+use crate::sink::{NoSink, Position, Sink, SinkStats};
+use crate::transform::{Batch, Output, RecordContext, Transform};
 
 /// What happens to a record whose base64 is invalid or whose aggregate is corrupt
 /// (`DEAGG_ON_CORRUPT`).
@@ -239,6 +241,8 @@ pub struct BatchStats {
     pub lossy_keys: u64,
     /// The oldest `approximateArrivalTimestamp` of the batch (reached or not).
     pub oldest_arrival: Option<SystemTime>,
+    /// What the sink did, when there is one.
+    pub sink: Option<SinkStats>,
 }
 
 /// Why a batch stopped before its end.
@@ -262,6 +266,13 @@ pub enum StopReason {
     },
     /// Too little time was left.
     Deadline,
+    /// The sink could not deliver a user record (or an entry holding it).
+    Undelivered {
+        /// The first undelivered user record's sub-sequence number.
+        sub_sequence_number: Option<u64>,
+        /// Why, as logged.
+        message: String,
+    },
 }
 
 impl std::fmt::Display for StopReason {
@@ -288,6 +299,16 @@ impl std::fmt::Display for StopReason {
                 write!(f, ": {message}")
             }
             StopReason::Deadline => f.write_str("deadline margin reached"),
+            StopReason::Undelivered {
+                sub_sequence_number,
+                message,
+            } => {
+                f.write_str("not delivered by the sink")?;
+                if let Some(sub) = sub_sequence_number {
+                    write!(f, " (user record {sub})")?;
+                }
+                write!(f, ": {message}")
+            }
         }
     }
 }
@@ -411,15 +432,24 @@ pub async fn process<T: Transform>(
     deadline: Option<Instant>,
 ) -> BatchOutcome {
     let batch = Batch::new(records.to_vec());
-    process_verified(&batch, Verifier::default(), transform, settings, deadline).await
+    process_verified(
+        &batch,
+        Verifier::default(),
+        transform,
+        None::<&NoSink>,
+        settings,
+        deadline,
+    )
+    .await
 }
 
 /// [`process`] on a batch the contexts share, with the checks `verifier` has under way (see
-/// [`Verifier`]).
-pub(crate) async fn process_verified<T: Transform>(
+/// [`Verifier`]), delivering what the transform accepts to `sink` when there is one.
+pub(crate) async fn process_verified<T: Transform, S: Sink>(
     batch: &Arc<Batch>,
     verifier: Verifier,
     transform: &T,
+    sink: Option<&S>,
     settings: &Settings,
     deadline: Option<Instant>,
 ) -> BatchOutcome {
@@ -469,26 +499,58 @@ pub(crate) async fn process_verified<T: Transform>(
     };
 
     let stop_at = deadline.map(|d| stop_time(d, settings.deadline_margin()));
+    // With a sink, the transform stops a second margin earlier, leaving the sink one margin
+    // to deliver what it holds.
+    let lanes_stop = match (sink, stop_at, deadline) {
+        (Some(_), Some(t), Some(d)) => Some(t.checked_sub(d - t).unwrap_or(t)),
+        _ => stop_at,
+    };
+    let (outbox, receiver) = match sink {
+        Some(s) => {
+            let (outbox, receiver) = Outbox::new(s.limits());
+            (Some(outbox), Some(receiver))
+        }
+        None => (None, None),
+    };
     let run = Run {
         transform,
         records,
         floor: &floor,
-        stop_at,
+        stop_at: lanes_stop,
+        outbox: outbox.as_ref(),
         succeeded: Cell::new(0),
         failed: Cell::new(0),
     };
-    match settings.mode {
-        Mode::Ordered => run.lane(unpacked.by_ref().flat_map(to_items)).await,
-        Mode::Concurrent => {
-            let workers = usize::from(settings.concurrency);
-            let span = (workers * LOOKAHEAD_PER_WORKER).clamp(LOOKAHEAD_MIN, LOOKAHEAD_MAX);
-            let items = Lookahead::new(unpacked.by_ref().flat_map(to_items), span, workers);
-            let keep = |item: &Item| item.index < floor.index.get();
-            lookahead::run_all(items, workers, keep, |item| run.one(item)).await
+    let lanes = async {
+        match settings.mode {
+            Mode::Ordered => run.lane(unpacked.by_ref().flat_map(to_items)).await,
+            Mode::Concurrent => {
+                let workers = usize::from(settings.concurrency);
+                let span = (workers * LOOKAHEAD_PER_WORKER).clamp(LOOKAHEAD_MIN, LOOKAHEAD_MAX);
+                let items = Lookahead::new(unpacked.by_ref().flat_map(to_items), span, workers);
+                let keep = |item: &Item| item.index < floor.index.get();
+                lookahead::run_all(items, workers, keep, |item| run.one(item)).await
+            }
         }
-    }
+        if let Some(outbox) = run.outbox {
+            outbox.close();
+        }
+    };
+    let sink_stats = match (sink, &outbox, receiver) {
+        (Some(sink), Some(outbox), Some(receiver)) => {
+            let report = FloorReport(&floor);
+            let driver = Driver::new(sink, settings.sink.policy(), stop_at, outbox, receiver);
+            let ((), sink_stats) = futures::join!(lanes, driver.run(&report));
+            Some(sink_stats)
+        }
+        _ => {
+            lanes.await;
+            None
+        }
+    };
     // What was not reached is left alone: it will be delivered again.
     drop(unpacked);
+    stats.sink = sink_stats;
     stats.succeeded = run.succeeded.get();
     stats.failed = run.failed.get();
     let index = floor.index.get();
@@ -549,12 +611,33 @@ fn tally(stats: &mut BatchStats, floor: &Floor, index: usize, u: &Unpacked) -> O
     }
 }
 
+/// The sink's view of the floor.
+struct FloorReport<'a>(&'a Floor);
+
+impl Report for FloorReport<'_> {
+    fn floor(&self) -> usize {
+        self.0.index.get()
+    }
+
+    fn undelivered(&self, first: Position, message: String) {
+        self.0.lower(
+            first.index,
+            StopReason::Undelivered {
+                sub_sequence_number: first.sub_sequence_number,
+                message,
+            },
+        );
+    }
+}
+
 /// What the lanes of one batch share.
 struct Run<'a, T> {
     transform: &'a T,
     records: &'a [EventRecord],
     floor: &'a Floor,
     stop_at: Option<Instant>,
+    /// Where accepted user records go, when there is a sink.
+    outbox: Option<&'a Outbox>,
     succeeded: Cell<u64>,
     failed: Cell<u64>,
 }
@@ -572,9 +655,27 @@ impl<T: Transform> Run<'_, T> {
     /// Runs the transform on one item, lowering the floor if it fails; true if it succeeded.
     async fn one(&self, item: Item) -> bool {
         let seq = &self.records[item.index].sequence_number;
+        // The sink needs the record after the transform has taken it (two reference counts).
+        let kept = self
+            .outbox
+            .map(|_| (item.record.clone(), item.context.clone()));
         match call(self.transform, item.record, item.context, seq, self.stop_at).await {
-            Ok(()) => {
+            Ok(output) => {
                 self.succeeded.set(self.succeeded.get() + 1);
+                let (Some(outbox), Some((record, context))) = (self.outbox, kept) else {
+                    return true;
+                };
+                let record = match output {
+                    Output::Same => record,
+                    Output::Data(data) => record.with_data(data),
+                    Output::Record(other) => other,
+                    Output::Drop => return true,
+                };
+                let at = Position::of(&context);
+                if !outbox.push(record, context).await {
+                    FloorReport(self.floor).undelivered(at, "the sink had stopped".into());
+                    return false;
+                }
                 true
             }
             Err(reason) => {
@@ -608,7 +709,7 @@ async fn call<T: Transform>(
     context: RecordContext,
     seq: &str,
     stop_at: Option<Instant>,
-) -> Result<(), StopReason> {
+) -> Result<Output, StopReason> {
     let sub = context.sub_sequence_number();
     // tokio's clock (the same as std's, unless a test pauses it).
     if stop_at.is_some_and(|t| tokio::time::Instant::now() >= t.into()) {
@@ -630,7 +731,7 @@ async fn call<T: Transform>(
         },
     };
     match result {
-        Ok(Ok(())) => Ok(()),
+        Ok(Ok(output)) => Ok(output),
         Ok(Err(e)) => {
             tracing::error!(sequence_number = %seq, sub_sequence_number = sub, "record {seq}: transform failed: {e}");
             Err(StopReason::TransformError {

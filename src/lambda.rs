@@ -20,6 +20,7 @@ use crate::kpl::Verifier;
 use crate::metrics::{self, Dimensions};
 use crate::settings::Settings;
 use crate::settings::Switch;
+use crate::sink::{NoSink, Sink};
 use crate::transform::{Batch, Transform};
 
 /// A transform and the settings it runs with: the handler of a Kinesis Lambda function.
@@ -47,18 +48,20 @@ use crate::transform::{Batch, Transform};
 ///
 /// A processor is also a tower `Service<LambdaEvent<KinesisEvent>>`, so `lambda_runtime::run`
 /// and tower layers serve it too, at the cost described in [`run`](crate::run).
-pub struct Processor<T> {
-    inner: Arc<Inner<T>>,
+pub struct Processor<T, S = NoSink> {
+    inner: Arc<Inner<T, S>>,
 }
 
-struct Inner<T> {
+struct Inner<T, S> {
     transform: T,
+    /// Where accepted user records go, if anywhere.
+    sink: Option<S>,
     settings: Settings,
     /// The metrics' `FunctionName` dimension.
     function_name: String,
 }
 
-impl<T> Clone for Processor<T> {
+impl<T, S> Clone for Processor<T, S> {
     fn clone(&self) -> Self {
         Processor {
             inner: self.inner.clone(),
@@ -67,14 +70,27 @@ impl<T> Clone for Processor<T> {
 }
 
 impl<T: Transform> Processor<T> {
-    /// A processor running `transform` with `settings`. Its metrics name the function
-    /// `AWS_LAMBDA_FUNCTION_NAME` (outside Lambda, the name of the executable).
+    /// A processor running `transform` with `settings`, without a sink. Its metrics name the
+    /// function `AWS_LAMBDA_FUNCTION_NAME` (outside Lambda, the name of the executable).
     pub fn new(transform: T, settings: Settings) -> Self {
+        Self::make(transform, None, settings)
+    }
+}
+
+impl<T: Transform, S: Sink> Processor<T, S> {
+    /// A processor running `transform` with `settings`, delivering what it accepts to
+    /// `sink` (see [`crate::sink`]).
+    pub fn with_sink(transform: T, sink: S, settings: Settings) -> Self {
+        Self::make(transform, Some(sink), settings)
+    }
+
+    fn make(transform: T, sink: Option<S>, settings: Settings) -> Self {
         let function_name =
             std::env::var("AWS_LAMBDA_FUNCTION_NAME").unwrap_or_else(|_| program_name());
         Processor {
             inner: Arc::new(Inner {
                 transform,
+                sink,
                 settings,
                 function_name,
             }),
@@ -119,6 +135,7 @@ impl<T: Transform> Processor<T> {
     ) -> BatchOutcome {
         let Inner {
             transform,
+            sink,
             settings,
             function_name,
         } = &*self.inner;
@@ -127,9 +144,16 @@ impl<T: Transform> Processor<T> {
         let dims = dimensions(function_name, &batch.records);
         let span =
             tracing::info_span!("batch", shard_id = %dims.shard_id, stream = %dims.stream_name);
-        let outcome = batch::process_verified(&batch, verifier, transform, settings, deadline)
-            .instrument(span)
-            .await;
+        let outcome = batch::process_verified(
+            &batch,
+            verifier,
+            transform,
+            sink.as_ref(),
+            settings,
+            deadline,
+        )
+        .instrument(span)
+        .await;
         if settings.metrics == Switch::On {
             let doc = metrics::document(
                 &settings.metrics_namespace,
@@ -244,7 +268,9 @@ fn deadline(context: &lambda_runtime::Context) -> Option<Instant> {
     Some(Instant::now() + remaining)
 }
 
-impl<T: Transform + 'static> Service<LambdaEvent<KinesisEvent>> for Processor<T> {
+impl<T: Transform + 'static, S: Sink + 'static> Service<LambdaEvent<KinesisEvent>>
+    for Processor<T, S>
+{
     type Response = KinesisEventResponse;
     type Error = lambda_runtime::Error;
     type Future =

@@ -46,6 +46,7 @@ pub mod memory;
 pub mod metrics;
 pub mod runtime_api;
 pub mod settings;
+pub mod sink;
 pub mod testing;
 pub mod transform;
 

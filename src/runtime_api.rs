@@ -30,6 +30,7 @@ use serde_json::json;
 use tracing::Instrument;
 
 use crate::lambda::Processor;
+use crate::sink::Sink;
 use crate::transform::Transform;
 
 /// The error type of the loop: what stops the function (the Runtime API is unreachable or
@@ -70,7 +71,9 @@ const NEXT_BACKOFF_MAX: Duration = Duration::from_secs(2);
 ///
 /// [`kinesis_deagg::main`](crate::main) calls it; [`Processor`] shows a `main` of one's own
 /// that does.
-pub async fn run<T: Transform + 'static>(processor: Processor<T>) -> Result<(), Error> {
+pub async fn run<T: Transform + 'static, S: Sink + 'static>(
+    processor: Processor<T, S>,
+) -> Result<(), Error> {
     if std::env::var_os("AWS_LAMBDA_RUNTIME_API").is_none() {
         return Err("not inside Lambda: AWS_LAMBDA_RUNTIME_API is not set".into());
     }
@@ -141,7 +144,10 @@ enum NextError {
 
 impl Api {
     /// One poll loop: invocation after invocation, until the Runtime API fails.
-    async fn serve<T: Transform + 'static>(&self, processor: &Processor<T>) -> Result<(), Error> {
+    async fn serve<T: Transform + 'static, S: Sink + 'static>(
+        &self,
+        processor: &Processor<T, S>,
+    ) -> Result<(), Error> {
         let mut buffer = BytesMut::new();
         let mut failures = 0;
         loop {
@@ -235,9 +241,9 @@ impl Api {
     }
 
     /// Handles one invocation and posts its response (or its error).
-    async fn answer<T: Transform + 'static>(
+    async fn answer<T: Transform + 'static, S: Sink + 'static>(
         &self,
-        processor: &Processor<T>,
+        processor: &Processor<T, S>,
         invocation: Invocation,
     ) -> Result<(), Error> {
         let Invocation {

@@ -10,6 +10,7 @@ use std::time::Duration;
 use clap::{ArgAction, Args, CommandFactory, FromArgMatches, Parser};
 
 use crate::batch::{Mode, OnCorrupt};
+use crate::sink::SinkSettings;
 use crate::transform::Builtin;
 
 /// How the handler behaves; see the README's configuration table.
@@ -66,6 +67,10 @@ pub struct Settings {
     /// CloudWatch namespace of the metrics.
     #[arg(long, env = "DEAGG_METRICS_NAMESPACE", default_value = "KinesisDeagg")]
     pub metrics_namespace: String,
+
+    /// Where accepted user records are delivered.
+    #[command(flatten)]
+    pub sink: SinkSettings,
 }
 
 /// The settings of the built-in transforms (`kinesis-deagg`'s own binary): a consumer with
@@ -279,6 +284,7 @@ impl Default for Settings {
             verify_checksum: true,
             metrics: Switch::On,
             metrics_namespace: "KinesisDeagg".into(),
+            sink: SinkSettings::default(),
         }
     }
 }

@@ -93,6 +93,11 @@ impl RecordContext {
         }
     }
 
+    /// The Kinesis record's place in the batch.
+    pub(crate) fn index(&self) -> usize {
+        self.index
+    }
+
     /// The Kinesis record that holds the user record.
     fn record(&self) -> &EventRecord {
         &self.batch.records[self.index]
@@ -190,22 +195,65 @@ impl RecordContext {
 /// assert!(rt.block_on(count_bytes.call(empty, RecordContext::new("1"))).is_err());
 /// ```
 pub trait Transform {
-    /// Handles one user record.
+    /// Handles one user record, and says what a sink delivers for it (`Ok(())` is
+    /// [`Output::Same`]: the user record as it came).
     fn call(
         &self,
         record: UserRecord,
         context: RecordContext,
-    ) -> impl Future<Output = Result<(), Error>>;
+    ) -> impl Future<Output = Result<Output, Error>>;
 }
 
-impl<F, Fut, E> Transform for F
+impl<F, Fut, O, E> Transform for F
 where
     F: Fn(UserRecord, RecordContext) -> Fut,
-    Fut: Future<Output = Result<(), E>>,
+    Fut: Future<Output = Result<O, E>>,
+    O: Into<Output>,
     E: Into<Error>,
 {
-    async fn call(&self, record: UserRecord, context: RecordContext) -> Result<(), Error> {
-        self(record, context).await.map_err(Into::into)
+    async fn call(&self, record: UserRecord, context: RecordContext) -> Result<Output, Error> {
+        self(record, context)
+            .await
+            .map(Into::into)
+            .map_err(Into::into)
+    }
+}
+
+/// What a transform hands on to the [sink](crate::sink) for a user record it accepted.
+/// Without a sink it is ignored.
+///
+/// A transform returning `()` delivers the user record as it came; one returning a
+/// [`UserRecord`] delivers that one, and one returning an `Option` delivers nothing for
+/// `None`.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Output {
+    /// The user record as it came.
+    #[default]
+    Same,
+    /// The same keys with this data.
+    Data(bytes::Bytes),
+    /// This user record instead.
+    Record(UserRecord),
+    /// Nothing: the user record is filtered out.
+    Drop,
+}
+
+impl From<()> for Output {
+    fn from((): ()) -> Self {
+        Output::Same
+    }
+}
+
+impl From<UserRecord> for Output {
+    fn from(record: UserRecord) -> Self {
+        Output::Record(record)
+    }
+}
+
+impl<O: Into<Output>> From<Option<O>> for Output {
+    fn from(output: Option<O>) -> Self {
+        output.map_or(Output::Drop, Into::into)
     }
 }
 
@@ -251,11 +299,12 @@ where
 /// assert!(failure.reason.to_string().contains("user record 2 is not a valid Order: invalid type"));
 /// assert_eq!(outcome.metrics["OrderCents"], 250.0);
 /// ```
-pub fn json<T, F, Fut, E>(f: F) -> Json<T, F>
+pub fn json<T, F, Fut, O, E>(f: F) -> Json<T, F>
 where
     T: DeserializeOwned,
     F: Fn(T, RecordContext) -> Fut,
-    Fut: Future<Output = Result<(), E>>,
+    Fut: Future<Output = Result<O, E>>,
+    O: Into<Output>,
     E: Into<Error>,
 {
     Json {
@@ -292,14 +341,15 @@ impl<T, F> std::fmt::Debug for Json<T, F> {
     }
 }
 
-impl<T, F, Fut, E> Transform for Json<T, F>
+impl<T, F, Fut, O, E> Transform for Json<T, F>
 where
     T: DeserializeOwned,
     F: Fn(T, RecordContext) -> Fut,
-    Fut: Future<Output = Result<(), E>>,
+    Fut: Future<Output = Result<O, E>>,
+    O: Into<Output>,
     E: Into<Error>,
 {
-    async fn call(&self, record: UserRecord, context: RecordContext) -> Result<(), Error> {
+    async fn call(&self, record: UserRecord, context: RecordContext) -> Result<Output, Error> {
         let value = serde_json::from_slice::<T>(record.data()).map_err(|e| {
             format!(
                 "user record {} is not a valid {}: {e}",
@@ -307,7 +357,10 @@ where
                 self.type_name
             )
         })?;
-        (self.f)(value, context).await.map_err(Into::into)
+        (self.f)(value, context)
+            .await
+            .map(Into::into)
+            .map_err(Into::into)
     }
 }
 
@@ -374,7 +427,7 @@ impl BuiltinTransform {
 }
 
 impl Transform for BuiltinTransform {
-    async fn call(&self, record: UserRecord, context: RecordContext) -> Result<(), Error> {
+    async fn call(&self, record: UserRecord, context: RecordContext) -> Result<Output, Error> {
         match self.kind {
             Builtin::Log => {
                 tracing::info!(
@@ -402,7 +455,7 @@ impl Transform for BuiltinTransform {
                 std::hint::black_box(sum);
             }
         }
-        Ok(())
+        Ok(Output::Same)
     }
 }
 

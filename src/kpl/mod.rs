@@ -147,6 +147,25 @@ impl UserRecord {
         &self.data
     }
 
+    /// The same user record (keys, sub-sequence number) with other data.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use kinesis_deagg::kpl::UserRecord;
+    /// let r = UserRecord::plain("k", Some("7"), "old".into()).with_data("new".into());
+    /// assert_eq!((r.partition_key(), r.explicit_hash_key(), &r.data()[..]), ("k", Some("7"), &b"new"[..]));
+    /// ```
+    pub fn with_data(&self, data: Bytes) -> UserRecord {
+        UserRecord {
+            keys: self.keys.clone(),
+            partition_key: self.partition_key.clone(),
+            explicit_hash_key: self.explicit_hash_key.clone(),
+            data,
+            ..*self
+        }
+    }
+
     /// Consumes the record and returns its payload, without copying.
     pub fn into_data(self) -> Bytes {
         self.data

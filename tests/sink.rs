@@ -1,0 +1,444 @@
+//! The sink machinery against a scripted destination: only refused entries are sent again,
+//! requests respect the limits, and the reported record is exactly the first Kinesis record
+//! with an undelivered user record, in both modes, whatever the destination does.
+
+use std::cell::RefCell;
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use kinesis_deagg::batch::{BatchOutcome, Mode, StopReason};
+use kinesis_deagg::event::KinesisEvent;
+use kinesis_deagg::kpl::UserRecord;
+use kinesis_deagg::sink::{EntryOutcome, Limits, SendError, SendErrorKind, Sink};
+use kinesis_deagg::testing::EventBuilder;
+use kinesis_deagg::transform::{Error, Output, RecordContext};
+use kinesis_deagg::{Processor, Settings};
+
+/// What the scripted destination does with one attempt at one entry.
+#[derive(Clone, Debug, PartialEq)]
+enum Fate {
+    Deliver,
+    Throttle,
+    Refuse,
+}
+
+/// What the destination does with a whole request, before looking at entries.
+#[derive(Clone, Debug, PartialEq)]
+enum RequestFate {
+    Answer,
+    Throttled,
+    Permanent,
+    /// Never answers.
+    Hang,
+}
+
+/// The script for entries: the fate of an attempt (1, 2, ...) at the entry with this data.
+type EntryScript = Box<dyn Fn(&[u8], usize) -> Fate>;
+
+/// A destination that keeps what it accepts, with a script for entries (by data and attempt)
+/// and for requests (by request number).
+struct Scripted {
+    limits: Limits,
+    entry_fate: EntryScript,
+    request_fate: Box<dyn Fn(usize) -> RequestFate>,
+    delivered: RefCell<Vec<bytes::Bytes>>,
+    attempts: RefCell<std::collections::HashMap<bytes::Bytes, usize>>,
+    requests: RefCell<Vec<usize>>,
+}
+
+impl Scripted {
+    fn new() -> Self {
+        Scripted {
+            limits: Limits {
+                max_entries: 4,
+                max_request_bytes: 1 << 20,
+                max_entry_bytes: 1 << 20,
+            },
+            entry_fate: Box::new(|_, _| Fate::Deliver),
+            request_fate: Box::new(|_| RequestFate::Answer),
+            delivered: RefCell::default(),
+            attempts: RefCell::default(),
+            requests: RefCell::default(),
+        }
+    }
+
+    fn entries(mut self, f: impl Fn(&[u8], usize) -> Fate + 'static) -> Self {
+        self.entry_fate = Box::new(f);
+        self
+    }
+
+    fn requests(mut self, f: impl Fn(usize) -> RequestFate + 'static) -> Self {
+        self.request_fate = Box::new(f);
+        self
+    }
+
+    fn delivered(&self) -> Vec<String> {
+        let d = self.delivered.borrow();
+        d.iter()
+            .map(|b| String::from_utf8(b.to_vec()).unwrap())
+            .collect()
+    }
+}
+
+impl Sink for &Scripted {
+    type Entry = bytes::Bytes;
+
+    fn limits(&self) -> Limits {
+        self.limits
+    }
+
+    fn entry(&self, record: UserRecord, _: &RecordContext) -> Result<bytes::Bytes, Error> {
+        Ok(record.into_data())
+    }
+
+    fn size(&self, entry: &bytes::Bytes) -> usize {
+        entry.len()
+    }
+
+    async fn send(&self, entries: &[bytes::Bytes]) -> Result<Vec<EntryOutcome>, SendError> {
+        assert!(!entries.is_empty() && entries.len() <= self.limits.max_entries);
+        let bytes: usize = entries.iter().map(|e| e.len()).sum();
+        assert!(entries.len() == 1 || bytes <= self.limits.max_request_bytes);
+        let n = {
+            let mut r = self.requests.borrow_mut();
+            r.push(entries.len());
+            r.len() - 1
+        };
+        match (self.request_fate)(n) {
+            RequestFate::Answer => {}
+            RequestFate::Throttled => {
+                return Err(SendError::new(SendErrorKind::Throttled, "Throttling"));
+            }
+            RequestFate::Permanent => {
+                return Err(SendError::new(SendErrorKind::Permanent, "ResourceNotFound"));
+            }
+            RequestFate::Hang => std::future::pending::<()>().await,
+        }
+        let mut outcomes = Vec::new();
+        for e in entries {
+            let attempt = {
+                let mut a = self.attempts.borrow_mut();
+                let n = a.entry(e.clone()).or_default();
+                *n += 1;
+                *n
+            };
+            outcomes.push(match (self.entry_fate)(e, attempt) {
+                Fate::Deliver => {
+                    self.delivered.borrow_mut().push(e.clone());
+                    EntryOutcome::Delivered
+                }
+                Fate::Throttle => EntryOutcome::throttled("ProvisionedThroughputExceededException"),
+                Fate::Refuse => EntryOutcome::failed("ValidationException", "no"),
+            });
+        }
+        Ok(outcomes)
+    }
+}
+
+/// `n` Kinesis records, record i an aggregate of `per` user records `"i.j"` (plain when
+/// `per` is 1), partition keys cycling over 3.
+fn event(n: usize, per: usize) -> KinesisEvent {
+    let mut b = EventBuilder::new();
+    for i in 0..n {
+        let data: Vec<String> = (0..per).map(|j| format!("{i}.{j}")).collect();
+        let keys: Vec<String> = (0..per).map(|j| format!("k{}", (i + j) % 3)).collect();
+        if per == 1 {
+            b = b.plain(&keys[0], data[0].as_bytes());
+        } else {
+            let users: Vec<(&str, &[u8])> = keys
+                .iter()
+                .zip(&data)
+                .map(|(k, d)| (k.as_str(), d.as_bytes()))
+                .collect();
+            b = b.aggregate(&users);
+        }
+    }
+    b.build()
+}
+
+fn accept(_: UserRecord, _: RecordContext) -> std::future::Ready<Result<(), Error>> {
+    std::future::ready(Ok(()))
+}
+
+async fn run_with<T: kinesis_deagg::transform::Transform>(
+    transform: T,
+    sink: &Scripted,
+    event: &KinesisEvent,
+    mode: Mode,
+    deadline: Option<Duration>,
+) -> BatchOutcome {
+    let settings = Settings {
+        mode,
+        metrics: kinesis_deagg::settings::Switch::Off,
+        ..Settings::default()
+    };
+    let deadline = deadline.map(|d| tokio::time::Instant::now().into_std() + d);
+    Processor::with_sink(transform, sink, settings)
+        .handle(event, deadline)
+        .await
+}
+
+fn reported(outcome: &BatchOutcome) -> Option<usize> {
+    outcome.failure.as_ref().map(|f| f.index)
+}
+
+#[tokio::test(start_paused = true)]
+async fn every_accepted_user_record_is_delivered_once_in_order_in_full_requests() {
+    let sink = Scripted::new();
+    let outcome = run_with(accept, &sink, &event(5, 3), Mode::Ordered, None).await;
+    assert_eq!(reported(&outcome), None);
+    let expected: Vec<String> = (0..5)
+        .flat_map(|i| (0..3).map(move |j| format!("{i}.{j}")))
+        .collect();
+    assert_eq!(sink.delivered(), expected);
+    assert_eq!(*sink.requests.borrow(), [4, 4, 4, 3]);
+    let stats = outcome.stats.sink.unwrap();
+    assert_eq!(stats.delivered_user_records, 15);
+    assert_eq!(stats.delivered_bytes, 15 * 3);
+    assert_eq!(stats.requests, 4);
+    assert_eq!(
+        (stats.retried_entries, stats.undelivered_user_records),
+        (0, 0)
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn throttled_entries_alone_are_sent_again_until_delivered() {
+    // "1.1" and "3.0" are throttled twice.
+    let sink = Scripted::new().entries(|d, attempt| match d {
+        b"1.1" | b"3.0" if attempt <= 2 => Fate::Throttle,
+        _ => Fate::Deliver,
+    });
+    let outcome = run_with(accept, &sink, &event(4, 2), Mode::Ordered, None).await;
+    assert_eq!(reported(&outcome), None);
+    let delivered = sink.delivered();
+    assert_eq!(delivered.len(), 8, "{delivered:?}");
+    assert_eq!(delivered.iter().collect::<BTreeSet<_>>().len(), 8);
+    let attempts = sink.attempts.borrow();
+    assert_eq!(attempts[&b"1.1"[..]], 3);
+    assert_eq!(attempts[&b"0.0"[..]], 1);
+    let stats = outcome.stats.sink.unwrap();
+    assert_eq!((stats.throttled_entries, stats.retried_entries), (4, 4));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_refused_user_record_inside_an_aggregate_reports_its_kinesis_record() {
+    for mode in [Mode::Ordered, Mode::Concurrent] {
+        let sink = Scripted::new().entries(|d, _| {
+            if d == b"2.1" {
+                Fate::Refuse
+            } else {
+                Fate::Deliver
+            }
+        });
+        let outcome = run_with(accept, &sink, &event(5, 3), mode, None).await;
+        let f = outcome.failure.clone().unwrap();
+        assert_eq!(f.index, 2, "{mode:?}");
+        assert!(
+            matches!(&f.reason, StopReason::Undelivered { sub_sequence_number: Some(1), message } if message.contains("ValidationException")),
+            "{:?}",
+            f.reason
+        );
+        // Everything before record 2 was delivered.
+        let delivered = sink.delivered();
+        for i in 0..2 {
+            for j in 0..3 {
+                assert!(delivered.contains(&format!("{i}.{j}")), "{mode:?} {i}.{j}");
+            }
+        }
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_throttled_request_is_sent_again_and_a_permanent_one_stops_at_its_first_record() {
+    let sink = Scripted::new().requests(|n| {
+        if n < 3 {
+            RequestFate::Throttled
+        } else {
+            RequestFate::Answer
+        }
+    });
+    let outcome = run_with(accept, &sink, &event(3, 1), Mode::Ordered, None).await;
+    assert_eq!(reported(&outcome), None);
+    assert_eq!(sink.delivered(), ["0.0", "1.0", "2.0"]);
+    assert_eq!(outcome.stats.sink.unwrap().throttled_entries, 9);
+
+    // Requests of 4: the second request (records 4..8) fails for good.
+    let sink = Scripted::new().requests(|n| {
+        if n == 1 {
+            RequestFate::Permanent
+        } else {
+            RequestFate::Answer
+        }
+    });
+    let outcome = run_with(accept, &sink, &event(10, 1), Mode::Ordered, None).await;
+    assert_eq!(reported(&outcome), Some(4));
+    assert_eq!(sink.delivered(), ["0.0", "1.0", "2.0", "3.0"]);
+    assert_eq!(
+        sink.requests.borrow().len(),
+        2,
+        "nothing is sent after a permanent error"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn entries_given_up_after_the_last_attempt_are_reported() {
+    let sink = Scripted::new().entries(|d, _| {
+        if d == b"1.0" {
+            Fate::Throttle
+        } else {
+            Fate::Deliver
+        }
+    });
+    let outcome = run_with(accept, &sink, &event(3, 1), Mode::Ordered, None).await;
+    let f = outcome.failure.unwrap();
+    assert_eq!(f.index, 1);
+    assert!(
+        f.reason.to_string().contains("after 10 attempts"),
+        "{}",
+        f.reason
+    );
+    assert_eq!(sink.attempts.borrow()[&b"1.0"[..]], 10);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_destination_that_never_answers_is_given_up_before_the_deadline() {
+    let sink = Scripted::new().requests(|_| RequestFate::Hang);
+    let started = tokio::time::Instant::now();
+    let outcome = run_with(
+        accept,
+        &sink,
+        &event(6, 1),
+        Mode::Ordered,
+        Some(Duration::from_secs(30)),
+    )
+    .await;
+    assert_eq!(reported(&outcome), Some(0));
+    let took = started.elapsed();
+    assert!(
+        took < Duration::from_secs(30) - Duration::from_millis(900),
+        "{took:?}"
+    );
+    assert!(sink.delivered().is_empty());
+}
+
+#[tokio::test(start_paused = true)]
+async fn outputs_can_be_the_same_record_new_data_another_record_or_nothing() {
+    let transform = |r: UserRecord, _: RecordContext| async move {
+        Ok::<_, Error>(match &r.data()[..] {
+            b"0.0" => Output::Same,
+            b"1.0" => Output::Data("one".into()),
+            b"2.0" => Output::Record(UserRecord::plain("other", None, "two".into())),
+            _ => Output::Drop,
+        })
+    };
+    let sink = Scripted::new();
+    let outcome = run_with(transform, &sink, &event(4, 1), Mode::Ordered, None).await;
+    assert_eq!(reported(&outcome), None);
+    assert_eq!(sink.delivered(), ["0.0", "one", "two"]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_transform_failure_keeps_what_came_before_it_delivered() {
+    let transform = |r: UserRecord, _: RecordContext| async move {
+        if &r.data()[..] == b"3.1" {
+            Err("bad")
+        } else {
+            Ok(())
+        }
+    };
+    for mode in [Mode::Ordered, Mode::Concurrent] {
+        let sink = Scripted::new();
+        let outcome = run_with(transform, &sink, &event(6, 2), mode, None).await;
+        assert_eq!(reported(&outcome), Some(3), "{mode:?}");
+        let delivered: BTreeSet<String> = sink.delivered().into_iter().collect();
+        for i in 0..3 {
+            for j in 0..2 {
+                assert!(delivered.contains(&format!("{i}.{j}")), "{mode:?}");
+            }
+        }
+    }
+}
+
+/// A small deterministic generator for the fault scripts.
+fn lcg(seed: u64) -> impl FnMut() -> u64 {
+    let mut x = seed
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
+    move || {
+        x = x
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        x >> 33
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn under_random_faults_the_report_is_the_first_record_with_an_undelivered_user_record() {
+    let mut outcomes = [0; 2];
+    for seed in 0..60u64 {
+        let mut next = lcg(seed);
+        let n = 3 + (next() % 10) as usize;
+        let per = 1 + (next() % 4) as usize;
+        // Per entry: throttled some attempts, maybe refused for good.
+        let refuse: BTreeSet<String> = (0..n * per)
+            .filter(|_| next().is_multiple_of(40))
+            .map(|k| format!("{}.{}", k / per, k % per))
+            .collect();
+        let throttle: BTreeSet<String> = (0..n * per)
+            .filter(|_| next().is_multiple_of(4))
+            .map(|k| format!("{}.{}", k / per, k % per))
+            .collect();
+        let hopeless: BTreeSet<String> = throttle
+            .iter()
+            .filter(|_| next().is_multiple_of(8))
+            .cloned()
+            .collect();
+        let request_throttled: BTreeSet<usize> =
+            (0..40).filter(|_| next().is_multiple_of(5)).collect();
+        let mode = if seed % 2 == 0 {
+            Mode::Ordered
+        } else {
+            Mode::Concurrent
+        };
+        let (r, t, h) = (refuse.clone(), throttle.clone(), hopeless.clone());
+        let sink = Scripted::new()
+            .entries(move |d, attempt| {
+                let d = std::str::from_utf8(d).unwrap();
+                if r.contains(d) {
+                    Fate::Refuse
+                } else if h.contains(d) || (t.contains(d) && attempt <= 2) {
+                    Fate::Throttle
+                } else {
+                    Fate::Deliver
+                }
+            })
+            .requests(move |k| {
+                if request_throttled.contains(&k) {
+                    RequestFate::Throttled
+                } else {
+                    RequestFate::Answer
+                }
+            });
+        let outcome = run_with(accept, &sink, &event(n, per), mode, None).await;
+        let delivered: BTreeSet<String> = sink.delivered().into_iter().collect();
+        let first_lost =
+            (0..n).find(|i| (0..per).any(|j| !delivered.contains(&format!("{i}.{j}"))));
+        assert_eq!(
+            reported(&outcome),
+            first_lost,
+            "seed {seed} ({mode:?}): refuse {refuse:?} hopeless {hopeless:?}"
+        );
+        outcomes[usize::from(first_lost.is_some())] += 1;
+        // Nothing was refused and reported without a reason.
+        if let Some(f) = &outcome.failure {
+            assert!(
+                matches!(f.reason, StopReason::Undelivered { .. }),
+                "seed {seed}: {:?}",
+                f.reason
+            );
+        }
+    }
+    // Both kinds of batch were tried.
+    assert!(outcomes[0] >= 10 && outcomes[1] >= 10, "{outcomes:?}");
+}
