@@ -12,6 +12,7 @@ use clap::{Args, CommandFactory, FromArgMatches, Parser};
 use crate::event::KinesisEvent;
 use crate::lambda::Processor;
 use crate::settings::{NoSettings, Settings, SettingsError};
+use crate::sink::{Sink, SinkKind};
 use crate::transform::Transform;
 
 /// The whole `main` of a consumer with its own transform, in and outside Lambda.
@@ -143,9 +144,71 @@ where
             return fail(&e);
         }
     };
-    match runtime.block_on(crate::run(Processor::new(make(own), settings))) {
+    let served = runtime.block_on(async {
+        match with_sink(make(own), settings, Serve).await {
+            Ok(served) => served,
+            Err(e) => {
+                crate::runtime_api::report_init_error(&e).await;
+                Err(e.into())
+            }
+        }
+    });
+    match served {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => fail(&*e),
+    }
+}
+
+/// What to do with a processor, whatever its sink: a generic closure.
+trait WithProcessor<T> {
+    type Output;
+    async fn call<S: Sink + 'static>(self, processor: Processor<T, S>) -> Self::Output;
+}
+
+/// Serves invocations.
+struct Serve;
+
+impl<T: Transform + 'static> WithProcessor<T> for Serve {
+    type Output = Result<(), crate::transform::Error>;
+    async fn call<S: Sink + 'static>(self, processor: Processor<T, S>) -> Self::Output {
+        crate::run(processor).await
+    }
+}
+
+/// Handles one event.
+struct Handle<'a>(&'a KinesisEvent, Option<Instant>);
+
+impl<T: Transform + 'static> WithProcessor<T> for Handle<'_> {
+    type Output = crate::batch::BatchOutcome;
+    async fn call<S: Sink + 'static>(self, processor: Processor<T, S>) -> Self::Output {
+        processor.handle(self.0, self.1).await
+    }
+}
+
+/// Gives `with` a processor of `transform` with the built-in sink `settings.sink` names.
+///
+/// # Errors
+///
+/// When the sink cannot be made (no target, a limit out of range, not in this build).
+async fn with_sink<T: Transform + 'static, W: WithProcessor<T>>(
+    transform: T,
+    settings: Settings,
+    with: W,
+) -> Result<W::Output, String> {
+    match settings.sink.kind {
+        SinkKind::None => Ok(with.call(Processor::new(transform, settings)).await),
+        #[cfg(feature = "sink-kinesis")]
+        SinkKind::Kinesis => {
+            let sink = crate::sink::kinesis::KinesisSink::from_settings(&settings.sink).await?;
+            Ok(with
+                .call(Processor::with_sink(transform, sink, settings))
+                .await)
+        }
+        #[cfg(not(feature = "sink-kinesis"))]
+        SinkKind::Kinesis => Err(
+            "DEAGG_SINK=kinesis: this build has no Kinesis sink (cargo feature sink-kinesis)"
+                .into(),
+        ),
     }
 }
 
@@ -158,11 +221,15 @@ where
     crate::settings::warn_unknown_variables();
     let outcome = (|| -> Result<(), Box<dyn std::error::Error>> {
         let event = read_event(args.file.as_ref())?;
-        let processor = Processor::new(make(args.transform), args.settings);
         let deadline = args
             .remaining_time_ms
             .map(|ms| Instant::now() + Duration::from_millis(ms));
-        let outcome = current_thread()?.block_on(processor.handle(&event, deadline));
+        let transform = make(args.transform);
+        let outcome = current_thread()?.block_on(with_sink(
+            transform,
+            args.settings,
+            Handle(&event, deadline),
+        ))?;
         let mut out = std::io::stdout().lock();
         writeln!(out, "{}", serde_json::to_string(&outcome.response())?)?;
         Ok(())

@@ -71,7 +71,7 @@ fn batch_metrics(
     processing: Duration,
 ) -> Vec<(&'static str, &'static str, f64)> {
     let stats = &outcome.stats;
-    vec![
+    let mut metrics = vec![
         ("KinesisRecords", "Count", stats.kinesis_records as f64),
         ("UserRecords", "Count", stats.user_records as f64),
         (
@@ -104,7 +104,30 @@ fn batch_metrics(
             "Milliseconds",
             processing.as_secs_f64() * 1000.0,
         ),
-    ]
+    ];
+    if let Some(sink) = &stats.sink {
+        metrics.extend([
+            (
+                "SinkDeliveredUserRecords",
+                "Count",
+                sink.delivered_user_records as f64,
+            ),
+            ("SinkDeliveredBytes", "Bytes", sink.delivered_bytes as f64),
+            ("SinkRequests", "Count", sink.requests as f64),
+            ("SinkRetriedEntries", "Count", sink.retried_entries as f64),
+            (
+                "SinkThrottledEntries",
+                "Count",
+                sink.throttled_entries as f64,
+            ),
+            (
+                "SinkUndeliveredUserRecords",
+                "Count",
+                sink.undelivered_user_records as f64,
+            ),
+        ]);
+    }
+    metrics
 }
 
 /// The EMF document for one invocation.

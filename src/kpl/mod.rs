@@ -25,7 +25,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use md5::{Digest, Md5};
 
-pub use aggregate::{AggregateError, AggregatedRecord, Aggregator};
+pub use aggregate::{AggregateError, AggregatedRecord, Aggregator, MAX_RECORD_SIZE};
 pub(crate) use each::Verifier;
 // Public for the md5_many fuzz target and the benchmarks, not for users: hidden.
 #[doc(hidden)]

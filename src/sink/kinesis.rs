@@ -1,1 +1,558 @@
-//! The Kinesis sink.
+//! The Kinesis sink: user records into another stream with `PutRecords`, by default
+//! re-aggregated in the KPL format, one aggregate per destination shard.
+//!
+//! A KCL consumer drops a whole aggregate when one of its user records hashes outside the
+//! shard it was read from (KCL issue 343), so the sink reads the destination's shards and hash
+//! key ranges (`ListShards`), groups user records by the shard their hash key falls in, and
+//! puts each aggregate with an explicit hash key inside that shard (its first user record's).
+//! When a put lands on a shard other than the one its aggregate was built for (the stream was
+//! resharded), the map is read again and that aggregate is rebuilt and put again: duplicates,
+//! never records a KCL consumer drops. The map is also read again when it is older than
+//! `DEAGG_SINK_SHARD_MAP_MAX_AGE_S`.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use aws_sdk_kinesis::Client;
+use aws_sdk_kinesis::error::{ProvideErrorMetadata, SdkError};
+use aws_sdk_kinesis::primitives::Blob;
+use aws_sdk_kinesis::types::PutRecordsRequestEntry;
+use bytes::Bytes;
+
+use super::{
+    EntryOutcome, Limits, Pack, Position, SendError, SendErrorKind, Sink, SinkSettings, Staged,
+};
+use crate::kpl::{AggregateError, Aggregator, UserRecord};
+use crate::settings::Switch;
+use crate::transform::{Error, RecordContext};
+
+/// `PutRecords` takes at most 500 records.
+const MAX_ENTRIES: usize = 500;
+/// The most a `PutRecords` request may hold today (10 MiB; it was 5 MiB).
+const MAX_REQUEST_BYTES: usize = 10 << 20;
+
+/// The open shards of a stream and their hash key ranges, sorted.
+#[derive(Debug)]
+pub struct ShardMap {
+    /// `(starting hash key, ending hash key, shard id)`, by starting hash key.
+    shards: Vec<(u128, u128, Arc<str>)>,
+    /// Bumped at every read, so that an entry knows whether it was built on the current map.
+    generation: u64,
+    read_at: Instant,
+}
+
+impl ShardMap {
+    /// The map of the given `(shard id, starting hash key, ending hash key, ending sequence
+    /// number)`s: closed shards (with an ending sequence number) are left out.
+    ///
+    /// # Errors
+    ///
+    /// When a hash key is not a decimal integer below 2^128.
+    pub fn new<'a>(
+        shards: impl IntoIterator<Item = (&'a str, &'a str, &'a str, Option<&'a str>)>,
+    ) -> Result<Self, String> {
+        let mut open = Vec::new();
+        for (id, start, end, ending_sequence) in shards {
+            if ending_sequence.is_some() {
+                continue;
+            }
+            let parse = |k: &str| {
+                k.parse::<u128>()
+                    .map_err(|_| format!("shard {id} has an invalid hash key {k:?}"))
+            };
+            open.push((parse(start)?, parse(end)?, Arc::from(id)));
+        }
+        open.sort();
+        Ok(ShardMap {
+            shards: open,
+            generation: 0,
+            read_at: Instant::now(),
+        })
+    }
+
+    /// The open shard whose range holds `hash_key`.
+    pub fn shard_of(&self, hash_key: u128) -> Option<&Arc<str>> {
+        let i = self
+            .shards
+            .partition_point(|(start, ..)| *start <= hash_key);
+        let (_, end, id) = self.shards.get(i.checked_sub(1)?)?;
+        (hash_key <= *end).then_some(id)
+    }
+
+    /// Number of open shards.
+    pub fn len(&self) -> usize {
+        self.shards.len()
+    }
+
+    /// True when the stream has no open shard.
+    pub fn is_empty(&self) -> bool {
+        self.shards.is_empty()
+    }
+}
+
+/// One `PutRecords` entry.
+#[derive(Clone, Debug)]
+pub struct KinesisEntry {
+    partition_key: String,
+    explicit_hash_key: Option<String>,
+    data: Bytes,
+    /// The shard an aggregate was built for, and the map it was built on.
+    shard: Option<(Arc<str>, u64)>,
+    /// An aggregate's user records, to rebuild it.
+    user_records: Vec<(UserRecord, Position)>,
+}
+
+/// Delivers to a Kinesis stream; see the [module docs](self).
+#[derive(Debug)]
+pub struct KinesisSink {
+    client: Client,
+    /// The stream's name, or its ARN.
+    target: String,
+    aggregate: bool,
+    aggregate_max_bytes: usize,
+    limits: Limits,
+    map_max_age: Duration,
+    map: Mutex<Option<Arc<ShardMap>>>,
+}
+
+impl KinesisSink {
+    /// A sink for the stream `settings.target`, with the AWS SDK's own configuration
+    /// (region, credentials, `AWS_ENDPOINT_URL_KINESIS` or `AWS_ENDPOINT_URL`). The SDK's own
+    /// retries are off: the sink retries within the invocation's deadline.
+    ///
+    /// # Errors
+    ///
+    /// When no target is set, or a limit is out of range.
+    pub async fn from_settings(settings: &SinkSettings) -> Result<Self, String> {
+        let config = aws_config::defaults(aws_config::BehaviorVersion::latest())
+            .retry_config(aws_config::retry::RetryConfig::disabled())
+            .load()
+            .await;
+        Self::new(Client::new(&config), settings)
+    }
+
+    /// A sink with this client; see [`KinesisSink::from_settings`].
+    ///
+    /// # Errors
+    ///
+    /// When no target is set, or a limit is out of range.
+    pub fn new(client: Client, settings: &SinkSettings) -> Result<Self, String> {
+        let target = settings
+            .target
+            .clone()
+            .filter(|t| !t.is_empty())
+            .ok_or("DEAGG_SINK=kinesis needs DEAGG_SINK_TARGET, the stream's name or ARN")?;
+        if !(1..=MAX_REQUEST_BYTES).contains(&settings.max_request_bytes) {
+            return Err(format!(
+                "DEAGG_SINK_MAX_REQUEST_BYTES={} is not in 1..={MAX_REQUEST_BYTES}",
+                settings.max_request_bytes
+            ));
+        }
+        if !(1..=crate::kpl::MAX_RECORD_SIZE).contains(&settings.max_record_bytes) {
+            return Err(format!(
+                "DEAGG_SINK_MAX_RECORD_BYTES={} is not in 1..={}",
+                settings.max_record_bytes,
+                crate::kpl::MAX_RECORD_SIZE
+            ));
+        }
+        Aggregator::with_max_size(settings.aggregate_max_bytes.min(settings.max_record_bytes))
+            .map_err(|e| format!("DEAGG_SINK_AGGREGATE_MAX_BYTES: {e}"))?;
+        Ok(KinesisSink {
+            client,
+            target,
+            aggregate: settings.aggregate == Switch::On,
+            aggregate_max_bytes: settings.aggregate_max_bytes.min(settings.max_record_bytes),
+            limits: Limits {
+                max_entries: MAX_ENTRIES,
+                max_request_bytes: settings.max_request_bytes,
+                max_entry_bytes: settings.max_record_bytes,
+            },
+            map_max_age: Duration::from_secs(settings.shard_map_max_age_s),
+            map: Mutex::new(None),
+        })
+    }
+
+    fn is_arn(&self) -> bool {
+        self.target.starts_with("arn:")
+    }
+
+    /// The shard map, read again when it is missing or too old.
+    async fn shard_map(&self, force: bool) -> Result<Arc<ShardMap>, SendError> {
+        let current = self.map.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        if let Some(map) = &current
+            && !force
+            && map.read_at.elapsed() < self.map_max_age
+        {
+            return Ok(map.clone());
+        }
+        let mut shards = Vec::new();
+        let mut token: Option<String> = None;
+        loop {
+            // With a token, the stream must not be named again.
+            let request = match &token {
+                Some(t) => self.client.list_shards().next_token(t),
+                None if self.is_arn() => self.client.list_shards().stream_arn(&self.target),
+                None => self.client.list_shards().stream_name(&self.target),
+            };
+            let page = request
+                .send()
+                .await
+                .map_err(|e| classify(&e, "ListShards"))?;
+            shards.extend(page.shards().iter().cloned());
+            match page.next_token() {
+                Some(t) => token = Some(t.to_string()),
+                None => break,
+            }
+        }
+        let mut map = ShardMap::new(shards.iter().filter_map(|s| {
+            let range = s.hash_key_range()?;
+            Some((
+                s.shard_id(),
+                range.starting_hash_key(),
+                range.ending_hash_key(),
+                s.sequence_number_range()
+                    .and_then(|r| r.ending_sequence_number()),
+            ))
+        }))
+        .map_err(|e| SendError::new(SendErrorKind::Transient, e))?;
+        if map.is_empty() {
+            return Err(SendError::new(
+                SendErrorKind::Transient,
+                format!("stream {} has no open shard", self.target),
+            ));
+        }
+        map.generation = current.map_or(1, |m| m.generation + 1);
+        tracing::info!(
+            stream = %self.target,
+            shards = map.len(),
+            "read the destination's shard map"
+        );
+        let map = Arc::new(map);
+        *self.map.lock().unwrap_or_else(|p| p.into_inner()) = Some(map.clone());
+        Ok(map)
+    }
+
+    fn current_map(&self) -> Option<Arc<ShardMap>> {
+        self.map.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+}
+
+/// What a failed call says about trying again.
+fn classify<E: ProvideErrorMetadata + std::error::Error + 'static, R: std::fmt::Debug + 'static>(
+    error: &SdkError<E, R>,
+    operation: &str,
+) -> SendError {
+    let (kind, what) = match error {
+        SdkError::ServiceError(e) => {
+            let code = e.err().code().unwrap_or("");
+            let kind = match code {
+                "ProvisionedThroughputExceededException"
+                | "KMSThrottlingException"
+                | "LimitExceededException"
+                | "ThrottlingException"
+                | "Throttling"
+                | "RequestLimitExceeded"
+                | "TooManyRequestsException" => SendErrorKind::Throttled,
+                "InternalFailure"
+                | "InternalFailureException"
+                | "ServiceUnavailable"
+                | "ServiceUnavailableException" => SendErrorKind::Transient,
+                _ if code.is_empty() => SendErrorKind::Transient,
+                // ResourceNotFound, AccessDenied, InvalidArgument, Validation, KMS...: the
+                // same request fails the same way.
+                _ => SendErrorKind::Permanent,
+            };
+            let message = e.err().message().unwrap_or("");
+            (kind, format!("{code}: {message}"))
+        }
+        // No answer, or one that is not the service's: a timeout, a reset connection, a 5xx
+        // from a proxy.
+        other => (SendErrorKind::Transient, error_chain(other)),
+    };
+    SendError::new(kind, format!("{operation}: {what}"))
+}
+
+/// An error and its sources, on one line.
+fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    text
+}
+
+/// Per-entry error codes of `PutRecords` that throttle.
+fn entry_outcome(code: &str, message: &str) -> EntryOutcome {
+    match code {
+        "ProvisionedThroughputExceededException" | "KMSThrottlingException" => {
+            EntryOutcome::throttled(code)
+        }
+        "InternalFailure" | "InternalFailureException" | "ServiceUnavailable" => {
+            EntryOutcome::retry(code)
+        }
+        _ => EntryOutcome::failed(code, message),
+    }
+}
+
+impl Sink for KinesisSink {
+    type Entry = KinesisEntry;
+
+    fn limits(&self) -> Limits {
+        self.limits
+    }
+
+    fn entry(&self, record: UserRecord, context: &RecordContext) -> Result<KinesisEntry, Error> {
+        let _ = context;
+        plain_entry(record)
+    }
+
+    fn size(&self, entry: &KinesisEntry) -> usize {
+        entry.data.len() + entry.partition_key.len()
+    }
+
+    async fn send(&self, entries: &[KinesisEntry]) -> Result<Vec<EntryOutcome>, SendError> {
+        let records = entries
+            .iter()
+            .map(|e| {
+                PutRecordsRequestEntry::builder()
+                    .data(Blob::new(e.data.to_vec()))
+                    .partition_key(&e.partition_key)
+                    .set_explicit_hash_key(e.explicit_hash_key.clone())
+                    .build()
+                    .map_err(|e| SendError::new(SendErrorKind::Permanent, e.to_string()))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let request = self.client.put_records().set_records(Some(records));
+        let request = if self.is_arn() {
+            request.stream_arn(&self.target)
+        } else {
+            request.stream_name(&self.target)
+        };
+        let output = request
+            .send()
+            .await
+            .map_err(|e| classify(&e, "PutRecords"))?;
+        let mut misplaced = false;
+        let outcomes = entries
+            .iter()
+            .zip(output.records())
+            .map(|(entry, result)| match result.error_code() {
+                Some(code) => entry_outcome(code, result.error_message().unwrap_or("")),
+                None => match (&entry.shard, result.shard_id()) {
+                    (Some((expected, _)), Some(landed)) if **expected != *landed => {
+                        tracing::warn!(
+                            expected = &**expected,
+                            landed,
+                            "an aggregate landed on another shard (the stream was resharded?): it is rebuilt and put again"
+                        );
+                        misplaced = true;
+                        EntryOutcome::Resend
+                    }
+                    _ => EntryOutcome::Delivered,
+                },
+            })
+            .collect();
+        if misplaced && let Err(e) = self.shard_map(true).await {
+            tracing::warn!("could not read the shard map again: {e}");
+        }
+        Ok(outcomes)
+    }
+
+    async fn packer(&self) -> Result<Box<dyn Pack<KinesisEntry> + '_>, SendError> {
+        if !self.aggregate {
+            return Ok(Box::new(Plain));
+        }
+        let map = self.shard_map(false).await?;
+        Ok(Box::new(ByShard {
+            sink: self,
+            map,
+            open: BTreeMap::new(),
+        }))
+    }
+}
+
+/// A user record as a `PutRecords` entry of its own.
+fn plain_entry(record: UserRecord) -> Result<KinesisEntry, Error> {
+    if record.hash_key().is_none() {
+        return Err(format!(
+            "explicit hash key {:?} is not a decimal integer below 2^128",
+            record.explicit_hash_key().unwrap_or_default()
+        )
+        .into());
+    }
+    Ok(KinesisEntry {
+        partition_key: record.partition_key().to_string(),
+        explicit_hash_key: record.explicit_hash_key().map(str::to_string),
+        data: record.into_data(),
+        shard: None,
+        user_records: Vec::new(),
+    })
+}
+
+/// `DEAGG_SINK_AGGREGATE=off`: one entry per user record.
+struct Plain;
+
+impl Pack<KinesisEntry> for Plain {
+    fn add(
+        &mut self,
+        record: UserRecord,
+        context: &RecordContext,
+        ready: &mut Vec<Staged<KinesisEntry>>,
+    ) -> Result<(), Error> {
+        ready.push(Staged {
+            entry: plain_entry(record)?,
+            first: Position::of(context),
+            user_records: 1,
+        });
+        Ok(())
+    }
+}
+
+/// The aggregate being built for one shard.
+struct Open {
+    aggregator: Aggregator,
+    user_records: Vec<(UserRecord, Position)>,
+}
+
+/// Aggregates per destination shard.
+struct ByShard<'a> {
+    sink: &'a KinesisSink,
+    map: Arc<ShardMap>,
+    open: BTreeMap<Arc<str>, Open>,
+}
+
+impl ByShard<'_> {
+    fn add_at(
+        &mut self,
+        record: UserRecord,
+        at: Position,
+        ready: &mut Vec<Staged<KinesisEntry>>,
+    ) -> Result<(), Error> {
+        let hash_key = record.hash_key().ok_or_else(|| {
+            format!(
+                "explicit hash key {:?} is not a decimal integer below 2^128",
+                record.explicit_hash_key().unwrap_or_default()
+            )
+        })?;
+        let Some(shard) = self.map.shard_of(hash_key).cloned() else {
+            // A hole in the map (it is being resharded): put it on its own, Kinesis finds the
+            // shard.
+            ready.push(Staged {
+                entry: plain_entry(record)?,
+                first: at,
+                user_records: 1,
+            });
+            return Ok(());
+        };
+        let limit = self.sink.aggregate_max_bytes;
+        let open = self.open.entry(shard.clone()).or_insert_with(|| Open {
+            aggregator: Aggregator::with_max_size(limit).expect("checked when the sink was made"),
+            user_records: Vec::new(),
+        });
+        match open.aggregator.add(
+            record.partition_key(),
+            record.explicit_hash_key(),
+            record.data(),
+        ) {
+            Ok(None) => open.user_records.push((record, at)),
+            Ok(Some(full)) => {
+                let held = std::mem::replace(&mut open.user_records, vec![(record, at)]);
+                ready.push(self.staged(full, shard, held));
+            }
+            Err(AggregateError::TooLarge { .. }) => {
+                // Too large for an aggregate: on its own, after what its shard holds so that
+                // the shard's order is kept.
+                self.finish_shard(&shard, ready);
+                ready.push(Staged {
+                    entry: plain_entry(record)?,
+                    first: at,
+                    user_records: 1,
+                });
+            }
+            Err(e) => return Err(e.into()),
+        }
+        Ok(())
+    }
+
+    fn staged(
+        &self,
+        full: crate::kpl::AggregatedRecord,
+        shard: Arc<str>,
+        user_records: Vec<(UserRecord, Position)>,
+    ) -> Staged<KinesisEntry> {
+        let first = user_records
+            .iter()
+            .map(|(_, at)| *at)
+            .min()
+            .expect("an aggregate holds a user record");
+        Staged {
+            user_records: user_records.len(),
+            first,
+            entry: KinesisEntry {
+                partition_key: full.partition_key,
+                explicit_hash_key: Some(full.explicit_hash_key),
+                data: full.data,
+                shard: Some((shard, self.map.generation)),
+                user_records,
+            },
+        }
+    }
+
+    fn finish_shard(&mut self, shard: &Arc<str>, ready: &mut Vec<Staged<KinesisEntry>>) {
+        if let Some(open) = self.open.get_mut(shard)
+            && let Some(full) = open.aggregator.finish()
+        {
+            let held = std::mem::take(&mut open.user_records);
+            ready.push(self.staged(full, shard.clone(), held));
+        }
+    }
+}
+
+impl Pack<KinesisEntry> for ByShard<'_> {
+    fn add(
+        &mut self,
+        record: UserRecord,
+        context: &RecordContext,
+        ready: &mut Vec<Staged<KinesisEntry>>,
+    ) -> Result<(), Error> {
+        self.add_at(record, Position::of(context), ready)
+    }
+
+    fn finish(&mut self, ready: &mut Vec<Staged<KinesisEntry>>) {
+        let shards: Vec<_> = self.open.keys().cloned().collect();
+        for shard in shards {
+            self.finish_shard(&shard, ready);
+        }
+    }
+
+    fn repack(&mut self, staged: Staged<KinesisEntry>, ready: &mut Vec<Staged<KinesisEntry>>) {
+        let current = self.sink.current_map();
+        let stale = matches!(
+            (&staged.entry.shard, &current),
+            (Some((_, generation)), Some(map)) if *generation != map.generation
+        );
+        if !stale {
+            ready.push(staged);
+            return;
+        }
+        // Built on an older map: split again by the current one, each shard's user records
+        // in their order.
+        self.map = current.expect("stale only against a current map");
+        let mut rebuilt = ByShard {
+            sink: self.sink,
+            map: self.map.clone(),
+            open: BTreeMap::new(),
+        };
+        for (record, at) in staged.entry.user_records {
+            if let Err(e) = rebuilt.add_at(record, at, ready) {
+                // It was accepted before, on the same keys: not reachable.
+                tracing::error!("could not rebuild an aggregate: {e}");
+            }
+        }
+        rebuilt.finish(ready);
+    }
+}

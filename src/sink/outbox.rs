@@ -137,9 +137,10 @@ impl<'a, S: Sink> Driver<'a, S> {
     pub(crate) async fn run(mut self, report: &impl Report) -> SinkStats {
         let mut stats = SinkStats::default();
         let mut packer = match self.packer().await {
-            Some(packer) => packer,
-            None => {
-                self.give_up_incoming(report, &mut stats, "the sink could not start");
+            Ok(packer) => packer,
+            Err(e) => {
+                let why = format!("the sink could not start: {e}");
+                self.give_up_incoming(report, &mut stats, &why);
                 return stats;
             }
         };
@@ -252,28 +253,26 @@ impl<'a, S: Sink> Driver<'a, S> {
     }
 
     /// The sink's packer, retrying a transient failure to make it within the deadline.
-    async fn packer(&self) -> Option<Box<dyn super::Pack<S::Entry> + 'a>> {
+    async fn packer(&self) -> Result<Box<dyn super::Pack<S::Entry> + 'a>, super::SendError> {
         let mut backoff = Backoff::new(self.policy.backoff_base, self.policy.backoff_cap);
-        for attempt in 1.. {
-            match self.sink.packer().await {
-                Ok(p) => return Some(p),
-                Err(e)
-                    if e.kind != SendErrorKind::Permanent && attempt < self.policy.max_attempts =>
-                {
-                    tracing::warn!(attempt, "the sink could not start, trying again: {e}");
-                    let until = tokio::time::Instant::now() + backoff.next_wait();
-                    if self.stop_at.is_some_and(|t| until >= t.into()) {
-                        break;
-                    }
-                    tokio::time::sleep_until(until).await;
-                }
-                Err(e) => {
-                    tracing::error!("the sink could not start: {e}");
-                    return None;
-                }
+        let mut attempt = 1;
+        loop {
+            let e = match self.sink.packer().await {
+                Ok(p) => return Ok(p),
+                Err(e) => e,
+            };
+            let until = tokio::time::Instant::now() + backoff.next_wait();
+            if e.kind == SendErrorKind::Permanent
+                || attempt >= self.policy.max_attempts
+                || self.stop_at.is_some_and(|t| until >= t.into())
+            {
+                tracing::error!("the sink could not start: {e}");
+                return Err(e);
             }
+            tracing::warn!(attempt, "the sink could not start, trying again: {e}");
+            tokio::time::sleep_until(until).await;
+            attempt += 1;
         }
-        None
     }
 
     /// True when `ready` holds at least a full request.
