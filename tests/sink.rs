@@ -442,3 +442,58 @@ async fn under_random_faults_the_report_is_the_first_record_with_an_undelivered_
     // Both kinds of batch were tried.
     assert!(outcomes[0] >= 10 && outcomes[1] >= 10, "{outcomes:?}");
 }
+
+#[tokio::test(start_paused = true)]
+async fn the_metrics_document_counts_what_the_sink_did() {
+    // 6 user records of 3 bytes; "1.0" throttled once, "4.0" refused: records 0..4 delivered.
+    let sink = Scripted::new().entries(|d, attempt| match d {
+        b"1.0" if attempt == 1 => Fate::Throttle,
+        b"4.0" => Fate::Refuse,
+        _ => Fate::Deliver,
+    });
+    let outcome = run_with(accept, &sink, &event(6, 1), Mode::Ordered, None).await;
+    assert_eq!(reported(&outcome), Some(4));
+    let dims = kinesis_deagg::metrics::Dimensions {
+        function_name: "f".into(),
+        stream_name: "s".into(),
+        shard_id: "shardId-0".into(),
+    };
+    let doc = kinesis_deagg::metrics::document(
+        "NS",
+        &dims,
+        &outcome,
+        std::time::SystemTime::now(),
+        Duration::ZERO,
+    );
+    let listed: Vec<&str> = doc["_aws"]["CloudWatchMetrics"][0]["Metrics"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["Name"].as_str().unwrap())
+        .collect();
+    // Requests of 4: [0,1,2,3] (1 throttled), then [1,4,5]; 5 was delivered in the request
+    // that refused 4, and Lambda will deliver it again with record 4.
+    for (name, value) in [
+        ("SinkDeliveredUserRecords", 5.0),
+        ("SinkDeliveredBytes", 15.0),
+        ("SinkRequests", 2.0),
+        ("SinkRetriedEntries", 1.0),
+        ("SinkThrottledEntries", 1.0),
+        ("SinkUndeliveredUserRecords", 1.0),
+    ] {
+        assert_eq!(doc[name], value, "{name}");
+        assert!(listed.contains(&name), "{name}");
+    }
+    // Without a sink, no sink metrics.
+    let plain = Processor::new(accept, Settings::default())
+        .handle(&event(2, 1), None)
+        .await;
+    let doc = kinesis_deagg::metrics::document(
+        "NS",
+        &dims,
+        &plain,
+        std::time::SystemTime::now(),
+        Duration::ZERO,
+    );
+    assert!(doc.get("SinkRequests").is_none());
+}

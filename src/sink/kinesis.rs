@@ -556,3 +556,55 @@ impl Pack<KinesisEntry> for ByShard<'_> {
         rebuilt.finish(ready);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_hash_key_maps_to_the_open_shard_whose_range_holds_it() {
+        let max = u128::MAX.to_string();
+        let half = (u128::MAX / 2).to_string();
+        let above_half = (u128::MAX / 2 + 1).to_string();
+        let map = ShardMap::new([
+            // Listed out of order, with the closed parent of the two.
+            ("shardId-2", above_half.as_str(), max.as_str(), None),
+            ("shardId-0", "0", max.as_str(), Some("4959")),
+            ("shardId-1", "0", half.as_str(), None),
+        ])
+        .unwrap();
+        assert_eq!(map.len(), 2);
+        let shard = |k: u128| map.shard_of(k).map(|s| s.to_string());
+        assert_eq!(shard(0).as_deref(), Some("shardId-1"));
+        assert_eq!(shard(u128::MAX / 2).as_deref(), Some("shardId-1"));
+        assert_eq!(shard(u128::MAX / 2 + 1).as_deref(), Some("shardId-2"));
+        assert_eq!(shard(u128::MAX).as_deref(), Some("shardId-2"));
+        // A hole (a range being resharded) maps to no shard.
+        let holed = ShardMap::new([("a", "10", "19", None), ("b", "30", "39", None)]).unwrap();
+        assert_eq!(holed.shard_of(9), None);
+        assert_eq!(holed.shard_of(25), None);
+        assert_eq!(holed.shard_of(40), None);
+        assert_eq!(holed.shard_of(39).map(|s| &**s), Some("b"));
+        assert!(ShardMap::new([("x", "-1", "5", None)]).is_err());
+    }
+
+    #[test]
+    fn per_entry_codes_are_throttled_retried_or_final() {
+        assert_eq!(
+            entry_outcome("ProvisionedThroughputExceededException", ""),
+            EntryOutcome::throttled("ProvisionedThroughputExceededException")
+        );
+        assert_eq!(
+            entry_outcome("KMSThrottlingException", ""),
+            EntryOutcome::throttled("KMSThrottlingException")
+        );
+        assert_eq!(
+            entry_outcome("InternalFailure", ""),
+            EntryOutcome::retry("InternalFailure")
+        );
+        assert_eq!(
+            entry_outcome("KMSAccessDeniedException", "no"),
+            EntryOutcome::failed("KMSAccessDeniedException", "no")
+        );
+    }
+}
