@@ -10,7 +10,7 @@
 //! never records a KCL consumer drops. The map is also read again when it is older than
 //! `DEAGG_SINK_SHARD_MAP_MAX_AGE_S`.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -23,7 +23,7 @@ use bytes::Bytes;
 use super::{
     EntryOutcome, Limits, Pack, Position, SendError, SendErrorKind, Sink, SinkSettings, Staged,
 };
-use crate::kpl::{AggregateError, Aggregator, UserRecord};
+use crate::kpl::{AggregateError, Aggregator, Unsigned, UserRecord, sign_all};
 use crate::settings::Switch;
 use crate::transform::{Error, RecordContext};
 
@@ -100,7 +100,7 @@ pub struct KinesisEntry {
     /// The shard an aggregate was built for, and the map it was built on.
     shard: Option<(Arc<str>, u64)>,
     /// An aggregate's user records, to rebuild it.
-    user_records: Vec<(UserRecord, Position)>,
+    user_records: Held,
 }
 
 /// Delivers to a Kinesis stream; see the [module docs](self).
@@ -367,11 +367,7 @@ impl Sink for KinesisSink {
             return Ok(Box::new(Plain));
         }
         let map = self.shard_map(false).await?;
-        Ok(Box::new(ByShard {
-            sink: self,
-            map,
-            open: BTreeMap::new(),
-        }))
+        Ok(Box::new(ByShard::new(self, map)))
     }
 }
 
@@ -412,35 +408,75 @@ impl Pack<KinesisEntry> for Plain {
     }
 }
 
+/// The user records of an aggregate, where each came from.
+type Held = Vec<(UserRecord, Position)>;
+
 /// The aggregate being built for one shard.
 struct Open {
     aggregator: Aggregator,
-    user_records: Vec<(UserRecord, Position)>,
+    user_records: Held,
 }
+
+/// Aggregates finished and waiting for their MD5s, computed [`SIGN_AT_ONCE`] at a time.
+const SIGN_AT_ONCE: usize = 16;
+
+/// Partition keys whose hash key is remembered, at most (then the memory starts again).
+const KNOWN_KEYS: usize = 1 << 16;
 
 /// Aggregates per destination shard.
 struct ByShard<'a> {
     sink: &'a KinesisSink,
     map: Arc<ShardMap>,
     open: BTreeMap<Arc<str>, Open>,
+    /// Finished aggregates, in order, still to be signed.
+    unsigned: Vec<(Unsigned, Arc<str>, Held)>,
+    /// The MD5 of partition keys seen (a batch repeats its keys).
+    hash_keys: HashMap<Box<str>, u128>,
 }
 
-impl ByShard<'_> {
+impl<'a> ByShard<'a> {
+    fn new(sink: &'a KinesisSink, map: Arc<ShardMap>) -> Self {
+        ByShard {
+            sink,
+            map,
+            open: BTreeMap::new(),
+            unsigned: Vec::new(),
+            hash_keys: HashMap::new(),
+        }
+    }
+
+    fn hash_key(&mut self, record: &UserRecord) -> Result<u128, Error> {
+        if record.explicit_hash_key().is_none()
+            && let Some(&h) = self.hash_keys.get(record.partition_key())
+        {
+            return Ok(h);
+        }
+        let h = record.hash_key().ok_or_else(|| {
+            format!(
+                "explicit hash key {:?} is not a decimal integer below 2^128",
+                record.explicit_hash_key().unwrap_or_default()
+            )
+        })?;
+        if record.explicit_hash_key().is_none() {
+            if self.hash_keys.len() >= KNOWN_KEYS {
+                self.hash_keys.clear();
+            }
+            self.hash_keys.insert(record.partition_key().into(), h);
+        }
+        Ok(h)
+    }
+
     fn add_at(
         &mut self,
         record: UserRecord,
         at: Position,
         ready: &mut Vec<Staged<KinesisEntry>>,
     ) -> Result<(), Error> {
-        let hash_key = record.hash_key().ok_or_else(|| {
-            format!(
-                "explicit hash key {:?} is not a decimal integer below 2^128",
-                record.explicit_hash_key().unwrap_or_default()
-            )
-        })?;
+        let hash_key = self.hash_key(&record)?;
         let Some(shard) = self.map.shard_of(hash_key).cloned() else {
             // A hole in the map (it is being resharded): put it on its own, Kinesis finds the
             // shard.
+            self.seal(ready);
             ready.push(Staged {
                 entry: plain_entry(record)?,
                 first: at,
@@ -453,20 +489,26 @@ impl ByShard<'_> {
             aggregator: Aggregator::with_max_size(limit).expect("checked when the sink was made"),
             user_records: Vec::new(),
         });
-        match open.aggregator.add(
+        let added = open.aggregator.add_hashed(
             record.partition_key(),
             record.explicit_hash_key(),
-            record.data(),
-        ) {
+            record.data().clone(),
+            hash_key,
+        );
+        match added {
             Ok(None) => open.user_records.push((record, at)),
             Ok(Some(full)) => {
                 let held = std::mem::replace(&mut open.user_records, vec![(record, at)]);
-                ready.push(self.staged(full, shard, held));
+                self.unsigned.push((full, shard, held));
+                if self.unsigned.len() >= SIGN_AT_ONCE {
+                    self.seal(ready);
+                }
             }
             Err(AggregateError::TooLarge { .. }) => {
                 // Too large for an aggregate: on its own, after what its shard holds so that
                 // the shard's order is kept.
-                self.finish_shard(&shard, ready);
+                self.finish_shard(&shard);
+                self.seal(ready);
                 ready.push(Staged {
                     entry: plain_entry(record)?,
                     first: at,
@@ -478,11 +520,25 @@ impl ByShard<'_> {
         Ok(())
     }
 
+    /// Signs the finished aggregates and hands them on, in order.
+    fn seal(&mut self, ready: &mut Vec<Staged<KinesisEntry>>) {
+        if self.unsigned.is_empty() {
+            return;
+        }
+        let (unsigned, rest): (Vec<_>, Vec<_>) = std::mem::take(&mut self.unsigned)
+            .into_iter()
+            .map(|(u, shard, held)| (u, (shard, held)))
+            .unzip();
+        for (full, (shard, held)) in sign_all(unsigned).into_iter().zip(rest) {
+            ready.push(self.staged(full, shard, held));
+        }
+    }
+
     fn staged(
         &self,
         full: crate::kpl::AggregatedRecord,
         shard: Arc<str>,
-        user_records: Vec<(UserRecord, Position)>,
+        user_records: Held,
     ) -> Staged<KinesisEntry> {
         let first = user_records
             .iter()
@@ -502,12 +558,13 @@ impl ByShard<'_> {
         }
     }
 
-    fn finish_shard(&mut self, shard: &Arc<str>, ready: &mut Vec<Staged<KinesisEntry>>) {
+    /// Finishes the aggregate open for `shard`, if any (it waits to be signed).
+    fn finish_shard(&mut self, shard: &Arc<str>) {
         if let Some(open) = self.open.get_mut(shard)
-            && let Some(full) = open.aggregator.finish()
+            && let Some(full) = open.aggregator.finish_unsigned()
         {
             let held = std::mem::take(&mut open.user_records);
-            ready.push(self.staged(full, shard.clone(), held));
+            self.unsigned.push((full, shard.clone(), held));
         }
     }
 }
@@ -525,8 +582,9 @@ impl Pack<KinesisEntry> for ByShard<'_> {
     fn finish(&mut self, ready: &mut Vec<Staged<KinesisEntry>>) {
         let shards: Vec<_> = self.open.keys().cloned().collect();
         for shard in shards {
-            self.finish_shard(&shard, ready);
+            self.finish_shard(&shard);
         }
+        self.seal(ready);
     }
 
     fn repack(&mut self, staged: Staged<KinesisEntry>, ready: &mut Vec<Staged<KinesisEntry>>) {
@@ -542,11 +600,7 @@ impl Pack<KinesisEntry> for ByShard<'_> {
         // Built on an older map: split again by the current one, each shard's user records
         // in their order.
         self.map = current.expect("stale only against a current map");
-        let mut rebuilt = ByShard {
-            sink: self.sink,
-            map: self.map.clone(),
-            open: BTreeMap::new(),
-        };
+        let mut rebuilt = ByShard::new(self.sink, self.map.clone());
         for (record, at) in staged.entry.user_records {
             if let Err(e) = rebuilt.add_at(record, at, ready) {
                 // It was accepted before, on the same keys: not reachable.

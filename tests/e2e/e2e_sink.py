@@ -34,8 +34,10 @@ from aws_kinesis_agg.deaggregator import iter_deaggregate_records  # noqa: E402
 SOURCE, DESTINATION = "source", "destination"
 SOURCE_SHARDS, DESTINATION_SHARDS = 3, 4
 TIMEOUT_MS = 6000
-FAULTS = {"seed": 11, "entry_throttle": 0.05, "request_throttle": 0.03, "server_error": 0.02,
-          "reset": 0.02, "delay": 0.01, "delay_ms": 1500}
+# Late answers come after the sink's timeout (DEAGG_SINK_TIMEOUT_MS), so their records are
+# written and sent again.
+FAULTS = {"seed": 11, "entry_throttle": 0.15, "request_throttle": 0.05, "server_error": 0.03,
+          "reset": 0.03, "delay": 0.02, "delay_ms": 1500}
 
 
 class SinkFunction(e2e.Function):
@@ -56,6 +58,8 @@ class SinkFunction(e2e.Function):
             "AWS_ENDPOINT_URL_KINESIS": f"http://127.0.0.1:{self.proxy_port}",
             "DEAGG_TRANSFORM": "discard", "DEAGG_METRICS": "off", "DEAGG_DEADLINE_MARGIN_MS": "500",
             "DEAGG_SINK": "kinesis", "DEAGG_SINK_TARGET": DESTINATION, "DEAGG_SINK_TIMEOUT_MS": "1000",
+            # Small aggregates: more entries per request, for the faults to hit.
+            "DEAGG_SINK_AGGREGATE_MAX_BYTES": "4096",
         })
         self.starts += 1
         err = open(os.path.join(e2e.WORK, f"sink-function-{self.starts}.log"), "w")
@@ -140,14 +144,19 @@ def main():
                    for f in on_failure)
 
     lost = [i for i in range(user_records) if i not in delivered and not in_on_failure(i)]
+    # A key's user records are all on one source shard: their order there is by sequence number,
+    # then by place in the aggregate (which follows i).
+    def source_order(i):
+        return int(where[i][1]), i
+
     seen, inversions, last = set(), 0, {}
     for pk, i in found:
         if i in seen:
             continue
         seen.add(i)
-        if last.get(pk, -1) > i:
+        if pk in last and last[pk] > source_order(i):
             inversions += 1
-        last[pk] = max(last.get(pk, -1), i)
+        last[pk] = max(last.get(pk, source_order(i)), source_order(i))
     tally = next((json.loads(l[6:]) for l in open(os.path.join(e2e.WORK, "proxy.log")) if l.startswith("tally ")), {})
     print(f"e2e-sink: {user_records} user records in {kinesis_records} source records over {SOURCE_SHARDS} shards -> "
           f"{records} destination records over {DESTINATION_SHARDS} shards; {len(lost)} lost, "
