@@ -34,7 +34,7 @@ ARM64_ENV      := CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_LINKER=aarch64-linux-gn
 # The integration tests run under qemu; cross_compat (the official aggregators' bytes, the
 # same on every target) is left out.
 ARM64_TESTS    := partial_failures kpl_properties real_kpl_output bad_input allocations memory \
-                  runtime_api cli sample_events metrics logs typed_transform concurrent_progress
+                  runtime_api cli sample_events metrics logs typed_transform concurrent_progress sink
 
 .PHONY: arm64-tools
 arm64-tools: ## Install what test-arm64 needs, if missing: the rustup target, qemu-user and the cross gcc (apt).
@@ -133,9 +133,15 @@ deploy: lambda-tools deps ## sam build (with cargo-lambda), then sam deploy --gu
 	$(VENV)/bin/sam build --beta-features
 	$(VENV)/bin/sam deploy --guided
 
-e2e: deps ## End to end: kinesalite, a model of Lambda's event source mapping, faults, kills.
+e2e: deps ## End to end: kinesalite, a model of Lambda's event source mapping, faults, kills; and through the Kinesis sink (6,000 user records).
 	cargo build --release --quiet --bin kinesis-deagg --example e2e_faults
 	$(PY) tests/e2e/e2e.py
+	$(PY) tests/e2e/e2e_sink.py 6000
+
+.PHONY: e2e-sink
+e2e-sink: deps ## End to end through the Kinesis sink with 100,000 user records, faults and kills (outside CI, minutes).
+	cargo build --release --quiet --bin kinesis-deagg
+	$(PY) tests/e2e/e2e_sink.py 100000
 
 events: ## Rebuild the sample events in events/ from events/src/ (deterministic).
 	cargo build --release --quiet
@@ -160,9 +166,9 @@ bench-kpl: ## Criterion benchmarks of deaggregation and the handler (benches/dea
 
 CARGO_FUZZ_VERSION := 0.13.1
 CARGO_MUTANTS_VERSION := 27.1.0
-# What `make mutants` mutates (the sink and window modules join once they exist), and extra
+# What `make mutants` mutates (the window module joins once it exists), and extra
 # cargo-mutants options, e.g. MUTANTS_ARGS="--file src/metrics.rs" or "--in-diff my.diff".
-MUTANTS_FILES ?= src/kpl/ src/event/ src/batch.rs src/transform.rs src/metrics.rs
+MUTANTS_FILES ?= src/kpl/ src/event/ src/batch.rs src/transform.rs src/metrics.rs src/sink/
 MUTANTS_ARGS ?=
 # The tests each mutant is tried against: the unit tests and every integration test but
 # `memory` (its limits hold for release builds only); cross_compat needs `make deps`. The

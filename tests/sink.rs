@@ -42,8 +42,12 @@ struct Scripted {
     entry_fate: EntryScript,
     request_fate: Box<dyn Fn(usize) -> RequestFate>,
     delivered: RefCell<Vec<bytes::Bytes>>,
+    /// The partition keys of what was delivered, in order.
+    delivered_keys: RefCell<Vec<bytes::Bytes>>,
     attempts: RefCell<std::collections::HashMap<bytes::Bytes, usize>>,
     requests: RefCell<Vec<usize>>,
+    /// Entries are ordered per partition key.
+    ordered: bool,
 }
 
 impl Scripted {
@@ -57,8 +61,10 @@ impl Scripted {
             entry_fate: Box::new(|_, _| Fate::Deliver),
             request_fate: Box::new(|_| RequestFate::Answer),
             delivered: RefCell::default(),
+            delivered_keys: RefCell::default(),
             attempts: RefCell::default(),
             requests: RefCell::default(),
+            ordered: false,
         }
     }
 
@@ -80,24 +86,40 @@ impl Scripted {
     }
 }
 
+/// An entry: partition key and data.
+type Entry = (bytes::Bytes, bytes::Bytes);
+
 impl Sink for &Scripted {
-    type Entry = bytes::Bytes;
+    type Entry = Entry;
 
     fn limits(&self) -> Limits {
         self.limits
     }
 
-    fn entry(&self, record: UserRecord, _: &RecordContext) -> Result<bytes::Bytes, Error> {
-        Ok(record.into_data())
+    fn entry(&self, record: UserRecord, _: &RecordContext) -> Result<Entry, Error> {
+        let key = bytes::Bytes::copy_from_slice(record.partition_key().as_bytes());
+        Ok((key, record.into_data()))
     }
 
-    fn size(&self, entry: &bytes::Bytes) -> usize {
-        entry.len()
+    fn size(&self, entry: &Entry) -> usize {
+        entry.1.len()
     }
 
-    async fn send(&self, entries: &[bytes::Bytes]) -> Result<Vec<EntryOutcome>, SendError> {
+    fn order_key<'e>(&self, entry: &'e Entry) -> Option<&'e [u8]> {
+        self.ordered.then_some(&entry.0[..])
+    }
+
+    async fn send(&self, entries: &[Entry]) -> Result<Vec<EntryOutcome>, SendError> {
         assert!(!entries.is_empty() && entries.len() <= self.limits.max_entries);
-        let bytes: usize = entries.iter().map(|e| e.len()).sum();
+        if self.ordered {
+            let keys: BTreeSet<_> = entries.iter().map(|e| &e.0).collect();
+            assert_eq!(
+                keys.len(),
+                entries.len(),
+                "two entries of one key in a request"
+            );
+        }
+        let bytes: usize = entries.iter().map(|e| e.1.len()).sum();
         assert!(entries.len() == 1 || bytes <= self.limits.max_request_bytes);
         let n = {
             let mut r = self.requests.borrow_mut();
@@ -115,7 +137,7 @@ impl Sink for &Scripted {
             RequestFate::Hang => std::future::pending::<()>().await,
         }
         let mut outcomes = Vec::new();
-        for e in entries {
+        for (key, e) in entries {
             let attempt = {
                 let mut a = self.attempts.borrow_mut();
                 let n = a.entry(e.clone()).or_default();
@@ -125,6 +147,7 @@ impl Sink for &Scripted {
             outcomes.push(match (self.entry_fate)(e, attempt) {
                 Fate::Deliver => {
                     self.delivered.borrow_mut().push(e.clone());
+                    self.delivered_keys.borrow_mut().push(key.clone());
                     EntryOutcome::Delivered
                 }
                 Fate::Throttle => EntryOutcome::throttled("ProvisionedThroughputExceededException"),
@@ -401,6 +424,7 @@ async fn under_random_faults_the_report_is_the_first_record_with_an_undelivered_
         } else {
             Mode::Concurrent
         };
+        let ordered = seed % 4 < 2;
         let (r, t, h) = (refuse.clone(), throttle.clone(), hopeless.clone());
         let sink = Scripted::new()
             .entries(move |d, attempt| {
@@ -420,6 +444,7 @@ async fn under_random_faults_the_report_is_the_first_record_with_an_undelivered_
                     RequestFate::Answer
                 }
             });
+        let sink = Scripted { ordered, ..sink };
         let outcome = run_with(accept, &sink, &event(n, per), mode, None).await;
         let delivered: BTreeSet<String> = sink.delivered().into_iter().collect();
         let first_lost =
@@ -430,6 +455,26 @@ async fn under_random_faults_the_report_is_the_first_record_with_an_undelivered_
             "seed {seed} ({mode:?}): refuse {refuse:?} hopeless {hopeless:?}"
         );
         outcomes[usize::from(first_lost.is_some())] += 1;
+        if ordered {
+            // Per partition key, first deliveries follow the batch's order.
+            let keys = sink.delivered_keys.borrow();
+            let mut last: std::collections::HashMap<&[u8], (usize, usize)> = Default::default();
+            let mut seen = BTreeSet::new();
+            for (key, data) in keys.iter().zip(sink.delivered.borrow().iter()) {
+                let text = std::str::from_utf8(data).unwrap();
+                if !seen.insert(text.to_string()) {
+                    continue;
+                }
+                let (i, j) = text.split_once('.').unwrap();
+                let at = (i.parse().unwrap(), j.parse().unwrap());
+                if let Some(before) = last.insert(key, at) {
+                    assert!(
+                        before < at,
+                        "seed {seed}: {text} after {before:?} for one key"
+                    );
+                }
+            }
+        }
         // Nothing was refused and reported without a reason.
         if let Some(f) = &outcome.failure {
             assert!(

@@ -99,8 +99,11 @@ pub struct KinesisEntry {
     data: Bytes,
     /// The shard an aggregate was built for, and the map it was built on.
     shard: Option<(Arc<str>, u64)>,
-    /// An aggregate's user records, to rebuild it.
+    /// An aggregate's user records (or the one user record put on its own for a shard), to
+    /// rebuild it.
     user_records: Held,
+    /// A KPL aggregate, not one user record.
+    aggregate: bool,
 }
 
 /// Delivers to a Kinesis stream; see the [module docs](self).
@@ -314,6 +317,14 @@ impl Sink for KinesisSink {
         entry.data.len() + entry.partition_key.len()
     }
 
+    /// An aggregate's shard; a user record put on its own, its partition key.
+    fn order_key<'e>(&self, entry: &'e KinesisEntry) -> Option<&'e [u8]> {
+        Some(match &entry.shard {
+            Some((shard, _)) => shard.as_bytes(),
+            None => entry.partition_key.as_bytes(),
+        })
+    }
+
     async fn send(&self, entries: &[KinesisEntry]) -> Result<Vec<EntryOutcome>, SendError> {
         let records = entries
             .iter()
@@ -344,13 +355,18 @@ impl Sink for KinesisSink {
                 Some(code) => entry_outcome(code, result.error_message().unwrap_or("")),
                 None => match (&entry.shard, result.shard_id()) {
                     (Some((expected, _)), Some(landed)) if **expected != *landed => {
-                        tracing::warn!(
-                            expected = &**expected,
-                            landed,
-                            "an aggregate landed on another shard (the stream was resharded?): it is rebuilt and put again"
-                        );
                         misplaced = true;
-                        EntryOutcome::Resend
+                        if entry.aggregate {
+                            tracing::warn!(
+                                expected = &**expected,
+                                landed,
+                                "an aggregate landed on another shard (the stream was resharded?): it is rebuilt and put again"
+                            );
+                            EntryOutcome::Resend
+                        } else {
+                            // Kinesis put it where its own hash key belongs: nothing to drop.
+                            EntryOutcome::Delivered
+                        }
                     }
                     _ => EntryOutcome::Delivered,
                 },
@@ -386,6 +402,7 @@ fn plain_entry(record: UserRecord) -> Result<KinesisEntry, Error> {
         data: record.into_data(),
         shard: None,
         user_records: Vec::new(),
+        aggregate: false,
     })
 }
 
@@ -505,12 +522,15 @@ impl<'a> ByShard<'a> {
                 }
             }
             Err(AggregateError::TooLarge { .. }) => {
-                // Too large for an aggregate: on its own, after what its shard holds so that
-                // the shard's order is kept.
+                // Too large for an aggregate: on its own, after what its shard holds, and in
+                // its shard's order.
                 self.finish_shard(&shard);
                 self.seal(ready);
+                let mut entry = plain_entry(record.clone())?;
+                entry.shard = Some((shard, self.map.generation));
+                entry.user_records = vec![(record, at)];
                 ready.push(Staged {
-                    entry: plain_entry(record)?,
+                    entry,
                     first: at,
                     user_records: 1,
                 });
@@ -553,6 +573,7 @@ impl<'a> ByShard<'a> {
                 explicit_hash_key: Some(full.explicit_hash_key),
                 data: full.data,
                 shard: Some((shard, self.map.generation)),
+                aggregate: true,
                 user_records,
             },
         }

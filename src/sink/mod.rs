@@ -179,6 +179,14 @@ pub trait Sink {
         entries: &[Self::Entry],
     ) -> impl Future<Output = Result<Vec<EntryOutcome>, SendError>>;
 
+    /// What the destination keeps in order (a Kinesis shard, or partition key): a request
+    /// holds at most one entry of each, so that a refused entry is sent again before the next
+    /// one of its key is sent at all. `None` (the default) for entries in no particular order.
+    fn order_key<'e>(&self, entry: &'e Self::Entry) -> Option<&'e [u8]> {
+        let _ = entry;
+        None
+    }
+
     /// How user records become entries, made once per batch. The default makes one entry per
     /// user record with [`Sink::entry`]; a sink that packs several user records into one
     /// entry (the Kinesis sink's aggregates) gives its own [`Pack`].

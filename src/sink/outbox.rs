@@ -333,17 +333,33 @@ impl<'a, S: Sink> Driver<'a, S> {
         report: &impl Report,
         stats: &mut SinkStats,
     ) -> Round {
-        let mut request = Vec::new();
+        // The first entries that fit, but at most one per order key: the destination does not
+        // order a request's entries, so the next one of a key waits for this one's outcome.
+        let mut request: Vec<Pending<S::Entry>> = Vec::new();
+        let mut waiting = Vec::new();
         let mut bytes = 0;
-        while let Some(p) = ready.front() {
+        while let Some(p) = ready.pop_front() {
             let size = self.sink.size(&p.staged.entry);
             if request.len() == self.limits.max_entries
                 || (!request.is_empty() && bytes + size > self.limits.max_request_bytes)
             {
+                ready.push_front(p);
                 break;
             }
+            let key = self.sink.order_key(&p.staged.entry);
+            if key.is_some()
+                && request
+                    .iter()
+                    .any(|q| self.sink.order_key(&q.staged.entry) == key)
+            {
+                waiting.push(p);
+                continue;
+            }
             bytes += size;
-            request.push(ready.pop_front().expect("front was Some"));
+            request.push(p);
+        }
+        for p in waiting.into_iter().rev() {
+            ready.push_front(p);
         }
         let (meta, entries): (Vec<_>, Vec<_>) = request
             .into_iter()

@@ -45,12 +45,13 @@ pub struct SinkSettings {
     )]
     pub aggregate: Switch,
 
-    /// Largest aggregate, in bytes (the KPL's default; a user record too large for one is
-    /// put on its own).
+    /// Largest aggregate, in bytes, at most the record limit (a user record too large for one
+    /// is put on its own). A request holds one aggregate per destination shard, so large
+    /// aggregates make few requests.
     #[arg(
         long = "sink-aggregate-max-bytes",
         env = "DEAGG_SINK_AGGREGATE_MAX_BYTES",
-        default_value_t = 51_200
+        default_value_t = 1 << 20
     )]
     pub aggregate_max_bytes: usize,
 
@@ -90,7 +91,7 @@ impl Default for SinkSettings {
             kind: SinkKind::None,
             target: None,
             aggregate: Switch::On,
-            aggregate_max_bytes: 51_200,
+            aggregate_max_bytes: 1 << 20,
             max_record_bytes: 1 << 20,
             max_request_bytes: 5 << 20,
             max_attempts: 10,

@@ -25,7 +25,8 @@ start-up to the first Runtime API request.
 
 Then the worst cases for memory (tiny user records filling a 6 MB event), through the Runtime
 API in both modes: peak RSS; and the concurrent mode against the ordered one on a transform
-that awaits 10 ms per user record (benches/concurrency.rs).
+that awaits 10 ms per user record (benches/concurrency.rs); and W1 and W2 through the Kinesis
+sink against discard (benches/sink.rs).
 
 Table 3: a stricter bound for the aggregated workloads, their MD5s alone (as if base64 cost
 nothing: our own decoder, AVX-512 VBMI where the CPU has it, is faster than binascii and
@@ -219,6 +220,19 @@ def print_concurrency():
           f"ordered {c['ordered_per_s']:.0f}/s, concurrent (8) {c['concurrent_8_per_s']:.0f}/s, {c['ratio']:.2f}x")
 
 
+def print_sink(paths):
+    """benches/sink.rs: W1 and W2 through the Kinesis sink to a local server, against discard."""
+    out = sh(["cargo", "bench", "--quiet", "--bench", "sink", "--", paths["W1"], paths["W2"]], cwd=ROOT)
+    print("the Kinesis sink (re-aggregating per shard, signing, sending to a local server that accepts "
+          "everything), against discard; two cores, the median of 30 runs:")
+    for line in out.splitlines():
+        if line.startswith("{"):
+            r = json.loads(line)
+            name = os.path.basename(r["file"]).removesuffix(".json")
+            print(f"  {name:3} {r['user_records']:>6} user records: discard {r['discard_ms']:>6.2f} ms, "
+                  f"Kinesis sink {r['sink_ms']:>7.2f} ms ({r['requests']} requests), {r['ratio']:.2f}x")
+
+
 def main():
     subprocess.run(["cargo", "build", "--release", "--quiet"], cwd=ROOT, check=True)
     paths = generate()
@@ -279,6 +293,7 @@ def main():
     print()
     print_worst_cases()
     print_concurrency()
+    print_sink(paths)
     print()
     print(f"200 billion user records a month like W1's, x86_64, 1,769 MB, ${PRICE_GB_S}/GB-s + $0.20 per million requests:")
     users = ours["W1"]["user_records"]
