@@ -367,6 +367,9 @@ mod tests {
             "DEAGG_TRANSFORM",
             "DEAGG_LOG_MAX_BYTES",
             "DEAGG_METRICS_NAMESPACE",
+            "DEAGG_SINK",
+            "DEAGG_SINK_TARGET",
+            "DEAGG_SINK_MAX_ATTEMPTS",
         ] {
             assert!(known.iter().any(|k| k == name), "{name}: {known:?}");
         }

@@ -256,3 +256,23 @@ fn flags_name_their_environment_variables_in_help() {
         assert!(help.contains(var), "{var} missing from help");
     }
 }
+
+#[test]
+fn the_kinesis_sink_without_a_target_is_refused_in_one_line() {
+    let event = event_json(vec![plain("7", "k", b"{}")]).to_string();
+    let out = run_binary(&["invoke", "-"], &[("DEAGG_SINK", "kinesis")], &event);
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("DEAGG_SINK=kinesis needs DEAGG_SINK_TARGET"),
+        "{err}"
+    );
+    assert!(out.stdout.is_empty(), "no response without a sink");
+    let out = run(&["invoke", "--sink", "firehose", "-"], &event);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("none, kinesis"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

@@ -321,6 +321,7 @@ impl Unsigned {
     }
 }
 
+#[cfg(feature = "sink-kinesis")]
 /// Adds the MD5 trailers of many aggregates at once, with the multi-buffer MD5 (16 at a time
 /// with AVX-512): one aggregate's MD5 is a serial chain that a lone core computes at a few
 /// hundred MB/s.

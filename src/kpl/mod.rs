@@ -26,6 +26,7 @@ use bytes::Bytes;
 use md5::{Digest, Md5};
 
 pub use aggregate::{AggregateError, AggregatedRecord, Aggregator, MAX_RECORD_SIZE};
+#[cfg(feature = "sink-kinesis")]
 pub(crate) use aggregate::{Unsigned, sign_all};
 pub(crate) use each::Verifier;
 // Public for the md5_many fuzz target and the benchmarks, not for users: hidden.
