@@ -649,6 +649,10 @@ impl<T: Transform> Run<'_, T> {
             if item.index >= self.floor.index.get() || !self.one(item).await {
                 break;
             }
+            if self.outbox.is_some_and(Outbox::request_waiting) {
+                // Let the sink's driver start sending it.
+                tokio::task::yield_now().await;
+            }
         }
     }
 
@@ -672,7 +676,7 @@ impl<T: Transform> Run<'_, T> {
                     Output::Drop => return true,
                 };
                 let at = Position::of(&context);
-                if !outbox.push(record, context).await {
+                if !outbox.push(record, context) {
                     FloorReport(self.floor).undelivered(at, "the sink had stopped".into());
                     return false;
                 }

@@ -25,8 +25,10 @@
 //! ```
 //!
 //! Start with [`main`] (the entry point), [`transform`] (what a transform is, the typed
-//! [`json`](transform::json) adapter), [`testing`] (events built in code for unit tests) and
-//! [`Settings`]. The README covers configuration, failure semantics and delivery guarantees;
+//! [`json`](transform::json) adapter), [`testing`] (events built in code for unit tests),
+//! [`sink`] (delivering what a transform accepts onward: the `Sink` trait, the Kinesis sink
+//! behind the default `sink-kinesis` feature) and [`Settings`]. The README covers
+//! configuration, failure semantics and delivery guarantees;
 //! `docs/your-own-function.md` goes from `cargo new` to a deployed function.
 //!
 //! What is public and not named here (the event reader, the KPL codec, the batch's types)
@@ -58,7 +60,7 @@ pub use settings::Settings;
 /// The names a consumer's code uses: `use kinesis_deagg::prelude::*;`.
 pub mod prelude {
     pub use crate::kpl::UserRecord;
-    pub use crate::transform::{Error, RecordContext, Transform, json};
+    pub use crate::transform::{Error, Output, RecordContext, Transform, json};
     pub use crate::{Processor, Settings};
 }
 

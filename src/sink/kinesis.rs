@@ -308,8 +308,7 @@ impl Sink for KinesisSink {
         self.limits
     }
 
-    fn entry(&self, record: UserRecord, context: &RecordContext) -> Result<KinesisEntry, Error> {
-        let _ = context;
+    fn entry(&self, record: UserRecord, _: &RecordContext) -> Result<KinesisEntry, Error> {
         plain_entry(record)
     }
 

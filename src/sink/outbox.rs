@@ -84,7 +84,7 @@ impl Outbox {
 
     /// Hands one accepted user record to the driver; false when the driver has stopped (the
     /// user record is then undelivered).
-    pub(crate) async fn push(&self, record: UserRecord, context: RecordContext) -> bool {
+    pub(crate) fn push(&self, record: UserRecord, context: RecordContext) -> bool {
         let bytes = record.data().len() + record.partition_key().len();
         let sent = match &*self.sender.borrow() {
             Some(sender) => sender.unbounded_send((record, context)).is_ok(),
@@ -93,15 +93,20 @@ impl Outbox {
         if sent {
             self.waiting.set(self.waiting.get() + bytes);
             self.waiting_records.set(self.waiting_records.get() + 1);
-            if self.waiting.get() >= self.request_bytes
-                || self.waiting_records.get() >= self.request_entries
-            {
-                self.waiting.set(0);
-                self.waiting_records.set(0);
-                tokio::task::yield_now().await;
-            }
         }
         sent
+    }
+
+    /// True once a full request's worth was pushed since the last time it said so: a lane
+    /// then yields, so that the driver starts sending while the transform goes on.
+    pub(crate) fn request_waiting(&self) -> bool {
+        let full = self.waiting.get() >= self.request_bytes
+            || self.waiting_records.get() >= self.request_entries;
+        if full {
+            self.waiting.set(0);
+            self.waiting_records.set(0);
+        }
+        full
     }
 
     /// No more user records: the driver sends what it holds and ends.
