@@ -123,6 +123,11 @@ async fn create_stream(client: &Client, name: &str, shards: i32) {
         .send()
         .await
         .unwrap();
+    wait_active(client, name).await;
+}
+
+/// Waits for `name` to be ACTIVE (after a create or a split).
+async fn wait_active(client: &Client, name: &str) {
     for _ in 0..100 {
         let d = client
             .describe_stream_summary()
@@ -616,23 +621,7 @@ async fn after_a_reshard_every_user_record_is_on_a_shard_a_kcl_consumer_keeps_it
         .send()
         .await
         .unwrap();
-    for _ in 0..100 {
-        let d = kinesis
-            .describe_stream_summary()
-            .stream_name("reshard")
-            .send()
-            .await
-            .unwrap();
-        if d.stream_description_summary()
-            .unwrap()
-            .stream_status()
-            .as_str()
-            == "ACTIVE"
-        {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_active(&kinesis, "reshard").await;
     let (second, keys) = source(40, "after");
     let outcome = processor.handle(&second, None).await;
     assert!(outcome.failure.is_none());

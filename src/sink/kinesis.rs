@@ -21,7 +21,8 @@ use aws_sdk_kinesis::types::PutRecordsRequestEntry;
 use bytes::Bytes;
 
 use super::{
-    EntryOutcome, Limits, Pack, Position, SendError, SendErrorKind, Sink, SinkSettings, Staged,
+    EntryOutcome, Limits, OnePerRecord, Pack, Position, SendError, SendErrorKind, Sink,
+    SinkSettings, Staged,
 };
 use crate::kpl::{AggregateError, Aggregator, Unsigned, UserRecord, sign_all};
 use crate::settings::Switch;
@@ -379,22 +380,26 @@ impl Sink for KinesisSink {
 
     async fn packer(&self) -> Result<Box<dyn Pack<KinesisEntry> + '_>, SendError> {
         if !self.aggregate {
-            return Ok(Box::new(Plain));
+            // `DEAGG_SINK_AGGREGATE=off`: one entry per user record, made by `entry`.
+            return Ok(Box::new(OnePerRecord(self)));
         }
         let map = self.shard_map(false).await?;
         Ok(Box::new(ByShard::new(self, map)))
     }
 }
 
+/// A user record's hash key, or the aggregator's error for a key Kinesis would refuse.
+fn hash_key_of(record: &UserRecord) -> Result<u128, AggregateError> {
+    record.hash_key().ok_or_else(|| {
+        AggregateError::InvalidExplicitHashKey(
+            record.explicit_hash_key().unwrap_or_default().into(),
+        )
+    })
+}
+
 /// A user record as a `PutRecords` entry of its own.
 fn plain_entry(record: UserRecord) -> Result<KinesisEntry, Error> {
-    if record.hash_key().is_none() {
-        return Err(format!(
-            "explicit hash key {:?} is not a decimal integer below 2^128",
-            record.explicit_hash_key().unwrap_or_default()
-        )
-        .into());
-    }
+    hash_key_of(&record)?;
     Ok(KinesisEntry {
         partition_key: record.partition_key().to_string(),
         explicit_hash_key: record.explicit_hash_key().map(str::to_string),
@@ -403,25 +408,6 @@ fn plain_entry(record: UserRecord) -> Result<KinesisEntry, Error> {
         user_records: Vec::new(),
         aggregate: false,
     })
-}
-
-/// `DEAGG_SINK_AGGREGATE=off`: one entry per user record.
-struct Plain;
-
-impl Pack<KinesisEntry> for Plain {
-    fn add(
-        &mut self,
-        record: UserRecord,
-        context: &RecordContext,
-        ready: &mut Vec<Staged<KinesisEntry>>,
-    ) -> Result<(), Error> {
-        ready.push(Staged {
-            entry: plain_entry(record)?,
-            first: Position::of(context),
-            user_records: 1,
-        });
-        Ok(())
-    }
 }
 
 /// The user records of an aggregate, where each came from.
@@ -467,12 +453,7 @@ impl<'a> ByShard<'a> {
         {
             return Ok(h);
         }
-        let h = record.hash_key().ok_or_else(|| {
-            format!(
-                "explicit hash key {:?} is not a decimal integer below 2^128",
-                record.explicit_hash_key().unwrap_or_default()
-            )
-        })?;
+        let h = hash_key_of(record)?;
         if record.explicit_hash_key().is_none() {
             if self.hash_keys.len() >= KNOWN_KEYS {
                 self.hash_keys.clear();

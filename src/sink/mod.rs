@@ -249,7 +249,7 @@ pub trait Pack<E> {
 }
 
 /// The default [`Pack`]: one entry per user record.
-struct OnePerRecord<'a, S: ?Sized>(&'a S);
+pub(crate) struct OnePerRecord<'a, S: ?Sized>(pub(crate) &'a S);
 
 impl<S: Sink + ?Sized> Pack<S::Entry> for OnePerRecord<'_, S> {
     fn add(

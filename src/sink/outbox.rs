@@ -252,8 +252,13 @@ impl<'a, S: Sink> Driver<'a, S> {
                 "record {seq}: the sink cannot take user record {}: {e}",
                 context.idempotency_key()
             );
-            stats.undelivered_user_records += 1;
-            report.undelivered(at, format!("the sink cannot take it: {e}"));
+            lose(
+                stats,
+                report,
+                at,
+                1,
+                format!("the sink cannot take it: {e}"),
+            );
         }
     }
 
@@ -317,8 +322,7 @@ impl<'a, S: Sink> Driver<'a, S> {
                     sub_sequence_number = s.first.sub_sequence_number,
                     "{message}; its user records are not delivered"
                 );
-                stats.undelivered_user_records += s.user_records as u64;
-                report.undelivered(s.first, message);
+                lose(stats, report, s.first, s.user_records as u64, message);
                 continue;
             }
             ready.push_back(Pending {
@@ -404,8 +408,7 @@ impl<'a, S: Sink> Driver<'a, S> {
             Err((SendErrorKind::Permanent, message)) => {
                 tracing::error!("the sink's request failed and will not succeed: {message}");
                 for ((first, users, ..), _) in meta.into_iter().zip(entries) {
-                    stats.undelivered_user_records += users as u64;
-                    report.undelivered(first, message.clone());
+                    lose(stats, report, first, users as u64, message.clone());
                 }
                 return Round::Stop;
             }
@@ -449,8 +452,7 @@ impl<'a, S: Sink> Driver<'a, S> {
                         sub_sequence_number = first.sub_sequence_number,
                         "the destination refused an entry for good: {message}"
                     );
-                    stats.undelivered_user_records += users as u64;
-                    report.undelivered(first, message);
+                    lose(stats, report, first, users as u64, message);
                 }
                 EntryOutcome::Retry { code, throttled } => {
                     refused = true;
@@ -467,8 +469,7 @@ impl<'a, S: Sink> Driver<'a, S> {
                             sub_sequence_number = first.sub_sequence_number,
                             "{message}"
                         );
-                        stats.undelivered_user_records += users as u64;
-                        report.undelivered(first, message);
+                        lose(stats, report, first, users as u64, message);
                         continue;
                     }
                     stats.retried_entries += 1;
@@ -537,11 +538,22 @@ impl<'a, S: Sink> Driver<'a, S> {
     fn give_up_incoming(&mut self, report: &impl Report, stats: &mut SinkStats, why: &str) {
         self.receiver.close();
         while let Ok((_, context)) = self.receiver.try_recv() {
-            stats.undelivered_user_records += 1;
-            report.undelivered(Position::of(&context), why.to_string());
+            lose(stats, report, Position::of(&context), 1, why.to_string());
         }
         self.outbox.close();
     }
+}
+
+/// Counts `user_records` undelivered, the first at `first`, and reports it, saying why.
+fn lose(
+    stats: &mut SinkStats,
+    report: &impl Report,
+    first: Position,
+    user_records: u64,
+    why: String,
+) {
+    stats.undelivered_user_records += user_records;
+    report.undelivered(first, why);
 }
 
 /// What one request came to.
