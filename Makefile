@@ -21,8 +21,9 @@ export SAM_CLI_TELEMETRY := 0
 
 .PHONY: clippy-arm64
 clippy-arm64: arm64-tools ## Clippy, warnings denied, for aarch64 (the template's default architecture), whose code paths differ.
-	@# The AWS SDK's TLS (aws-lc-sys) compiles C: with the cross gcc arm64-tools installs.
-	cargo clippy --target aarch64-unknown-linux-gnu --lib --bins -- -D warnings
+	@# Only the deaggregation differs by architecture (md5_many's kernels): the sinks, the same
+	@# code on every target, are left out, and with them the AWS SDK's cross build.
+	cargo clippy --target aarch64-unknown-linux-gnu --no-default-features --lib --bins -- -D warnings
 
 ARM64_TARGET   := aarch64-unknown-linux-gnu
 ARM64_PACKAGES := qemu-user-static gcc-aarch64-linux-gnu libc6-dev-arm64-cross
@@ -31,8 +32,9 @@ ARM64_RELEASE  := target/$(ARM64_TARGET)/release
 # Cross-link with Debian's gcc, run test binaries under qemu-user.
 ARM64_ENV      := CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_LINKER=aarch64-linux-gnu-gcc \
                   CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_RUNNER="$(ARM64_RUNNER)"
-# The integration tests run under qemu; cross_compat (the official aggregators' bytes, the
-# same on every target) is left out.
+# The integration tests run under qemu, without the Kinesis sink (portable code whose SDK
+# takes minutes to cross-build); cross_compat (the official aggregators' bytes, the same on
+# every target) is left out. The bootstrap cargo-lambda builds, sink included, is run too.
 ARM64_TESTS    := partial_failures kpl_properties real_kpl_output bad_input allocations memory \
                   runtime_api cli sample_events metrics logs typed_transform concurrent_progress sink
 
@@ -50,10 +52,10 @@ arm64-tools: ## Install what test-arm64 needs, if missing: the rustup target, qe
 .PHONY: test-arm64
 test-arm64: arm64-tools lambda-tools ## The Rust tests for aarch64 under qemu, and cargo-lambda's arm64 bootstrap through the Runtime API.
 	$(ARM64_ENV) KINESIS_DEAGG_BIN=$(CURDIR)/$(ARM64_RELEASE)/kinesis-deagg KINESIS_DEAGG_RUNNER="$(ARM64_RUNNER)" \
-	  cargo test --release --target $(ARM64_TARGET) --lib $(addprefix --test ,$(ARM64_TESTS)) --example orders
+	  cargo test --release --target $(ARM64_TARGET) --no-default-features --lib $(addprefix --test ,$(ARM64_TESTS)) --example orders
 	cargo lambda build --release --arm64
 	$(ARM64_ENV) KINESIS_DEAGG_BIN=$(CURDIR)/target/lambda/kinesis-deagg/bootstrap KINESIS_DEAGG_RUNNER="$(ARM64_RUNNER)" \
-	  cargo test --release --target $(ARM64_TARGET) --test runtime_api each_sample_event
+	  cargo test --release --target $(ARM64_TARGET) --no-default-features --test runtime_api each_sample_event
 
 .PHONY: fuzz-arm64
 fuzz-arm64: arm64-tools ## The md5_many fuzz target (its NEON kernel) built for aarch64 and run under qemu, FUZZ_SECONDS (outside CI).
@@ -90,9 +92,11 @@ test: deps lambda-tools ## Everything CI runs: fmt, clippy, every test (cross-co
 	cargo clippy --all-targets --no-default-features -- -D warnings
 	$(if $(filter 1,$(ARM64)),$(MAKE) --no-print-directory clippy-arm64)
 	$(if $(filter 1,$(ARM64)),$(MAKE) --no-print-directory test-arm64)
-	cargo build --release
-	KINESIS_DEAGG_BIN=$(CURDIR)/$(BIN) cargo test
+	@# One release build for the memory test, the binary the tests run and e2e: building the
+	@# example with it gives the binary the dev-dependencies' features (tokio's test-util) too.
 	cargo test --release --test memory
+	cargo build --release --bin kinesis-deagg --example e2e_faults
+	KINESIS_DEAGG_BIN=$(CURDIR)/$(BIN) cargo test
 	@# The fuzz targets are run by `make fuzz`, outside CI: CI keeps them compiling.
 	cd fuzz && cargo check --quiet --bins
 	RUSTDOCFLAGS="-D warnings" cargo doc --no-deps --quiet
