@@ -97,8 +97,9 @@ test: deps lambda-tools ## Everything CI runs: fmt, clippy, every test (cross-co
 	cargo test --release --test memory
 	cargo build --release --bin kinesis-deagg --example e2e_faults
 	KINESIS_DEAGG_BIN=$(CURDIR)/$(BIN) cargo test
-	@# The fuzz targets are run by `make fuzz`, outside CI: CI keeps them compiling.
-	cd fuzz && cargo check --quiet --bins
+	@# The fuzz targets are run by `make fuzz`, outside CI: CI keeps them compiling (in this
+	@# target directory, which holds their dependencies already: 14 s instead of 44 s).
+	cd fuzz && CARGO_TARGET_DIR=../target cargo check --quiet --bins
 	RUSTDOCFLAGS="-D warnings" cargo doc --no-deps --quiet
 	bash tools/walkthrough-check.sh
 	bash tools/watch-check.sh

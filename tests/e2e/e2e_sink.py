@@ -132,8 +132,11 @@ def main():
         if function:
             function.proc.kill()
         if faults:
-            faults.send_signal(signal.SIGINT)
-            faults.wait()
+            faults.terminate()
+            try:
+                faults.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                faults.kill()
         server.send_signal(signal.SIGTERM)
 
     delivered = {i for _, i in found}

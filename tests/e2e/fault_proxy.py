@@ -16,10 +16,11 @@ drawn from a generator seeded with `seed`, so that a run can be repeated:
 - `permanent_after`: from this request on (0-based), every one is answered 400
   `ResourceNotFoundException`.
 
-`tally` on stderr at exit: counts of each fault.
+`tally` on stderr at exit (SIGTERM): counts of each fault.
 """
 import json
 import random
+import signal
 import sys
 import threading
 import time
@@ -132,6 +133,9 @@ class Handler(BaseHTTPRequestHandler):
 
 
 def main():
+    # SIGTERM ends it (printing the tally) even where SIGINT is ignored, as it is for a
+    # background job of a non-interactive shell.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     server.daemon_threads = True
     print(f"listening {server.server_address[1]}", flush=True)
