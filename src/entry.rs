@@ -195,20 +195,33 @@ async fn with_sink<T: Transform + 'static, W: WithProcessor<T>>(
     settings: Settings,
     with: W,
 ) -> Result<W::Output, String> {
-    match settings.sink.kind {
-        SinkKind::None => Ok(with.call(Processor::new(transform, settings)).await),
-        #[cfg(feature = "sink-kinesis")]
-        SinkKind::Kinesis => {
-            let sink = crate::sink::kinesis::KinesisSink::from_settings(&settings.sink).await?;
+    // Each built-in sink, where this build has it.
+    #[cfg_attr(not(feature = "aws"), allow(unused_macros))]
+    macro_rules! with_built_in {
+        ($sink:ty) => {{
+            let sink = <$sink>::from_settings(&settings.sink).await?;
             Ok(with
                 .call(Processor::with_sink(transform, sink, settings))
                 .await)
+        }};
+    }
+    match settings.sink.kind {
+        SinkKind::None => Ok(with.call(Processor::new(transform, settings)).await),
+        #[cfg(feature = "sink-kinesis")]
+        SinkKind::Kinesis => with_built_in!(crate::sink::kinesis::KinesisSink),
+        #[cfg(feature = "sink-firehose")]
+        SinkKind::Firehose => with_built_in!(crate::sink::firehose::FirehoseSink),
+        #[cfg(feature = "sink-sqs")]
+        SinkKind::Sqs => with_built_in!(crate::sink::sqs::SqsSink),
+        #[allow(unreachable_patterns)]
+        other => {
+            let name = clap::ValueEnum::to_possible_value(&other)
+                .map(|v| v.get_name().to_string())
+                .unwrap_or_default();
+            Err(format!(
+                "DEAGG_SINK={name}: this build has no such sink (cargo feature sink-{name})"
+            ))
         }
-        #[cfg(not(feature = "sink-kinesis"))]
-        SinkKind::Kinesis => Err(
-            "DEAGG_SINK=kinesis: this build has no Kinesis sink (cargo feature sink-kinesis)"
-                .into(),
-        ),
     }
 }
 

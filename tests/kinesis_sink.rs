@@ -8,10 +8,10 @@
 
 mod common;
 
+use common::servers::{kinesalite, proxy, root};
+
 use std::collections::{BTreeMap, BTreeSet};
-use std::io::{BufRead, BufReader};
-use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::Stdio;
 use std::time::Duration;
 
 use aws_sdk_kinesis::Client;
@@ -29,80 +29,6 @@ use kinesis_deagg::sink::kinesis::KinesisSink;
 use kinesis_deagg::testing::EventBuilder;
 use kinesis_deagg::transform::{Error, RecordContext};
 use kinesis_deagg::{Processor, Settings};
-
-fn root() -> &'static Path {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-}
-
-/// A server process, stopped when dropped.
-struct Server {
-    child: Child,
-    port: u16,
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// kinesalite in memory, on 127.0.0.1.
-fn kinesalite() -> Server {
-    assert!(
-        root().join("node_modules/kinesalite").exists(),
-        "node_modules/kinesalite is missing: run `make deps` first"
-    );
-    let port = free_port();
-    let mut child = Command::new("node")
-        .arg(root().join("tests/e2e/kinesalite.js"))
-        .arg(port.to_string())
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("node");
-    let mut line = String::new();
-    BufReader::new(child.stdout.as_mut().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    assert_eq!(line.trim(), "ready");
-    Server { child, port }
-}
-
-/// The fault proxy in front of `upstream`, following `plan` (see the script).
-fn proxy(upstream: &Server, plan: &str) -> Server {
-    let python = root().join(".venv/bin/python");
-    assert!(
-        python.exists(),
-        "{} is missing: run `make deps` first",
-        python.display()
-    );
-    let mut child = Command::new(python)
-        .arg(root().join("tests/e2e/fault_proxy.py"))
-        .arg(format!("http://127.0.0.1:{}", upstream.port))
-        .arg(plan)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("python");
-    let mut line = String::new();
-    BufReader::new(child.stdout.as_mut().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let port = line
-        .trim()
-        .strip_prefix("listening ")
-        .and_then(|p| p.parse().ok())
-        .unwrap_or_else(|| panic!("fault proxy said {line:?}"));
-    Server { child, port }
-}
 
 fn client(port: u16) -> Client {
     let config = aws_sdk_kinesis::Config::builder()
@@ -286,7 +212,7 @@ fn settings(stream: &str, mode: Mode) -> Settings {
             target: Some(stream.into()),
             // Small aggregates and requests, so that a batch makes several of each.
             aggregate_max_bytes: 300,
-            max_request_bytes: 1_000,
+            max_request_bytes: Some(1_000),
             timeout_ms: 2_000,
             ..SinkSettings::default()
         },
@@ -570,7 +496,7 @@ async fn a_user_record_over_the_record_limit_is_reported_and_nothing_after_it_is
         .plain("c", b"after")
         .build();
     let mut settings = settings("big", Mode::Ordered);
-    settings.sink.max_record_bytes = 4_096;
+    settings.sink.max_record_bytes = Some(4_096);
     let outcome = deliver(server.port, settings, &event, None).await;
     let failure = outcome.failure.unwrap();
     assert_eq!(failure.index, 1);

@@ -15,11 +15,11 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use aws_sdk_kinesis::Client;
-use aws_sdk_kinesis::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_kinesis::primitives::Blob;
 use aws_sdk_kinesis::types::PutRecordsRequestEntry;
 use bytes::Bytes;
 
+use super::aws::classify;
 use super::{
     EntryOutcome, Limits, OnePerRecord, Pack, Position, SendError, SendErrorKind, Sink,
     SinkSettings, Staged,
@@ -129,11 +129,7 @@ impl KinesisSink {
     ///
     /// When no target is set, or a limit is out of range.
     pub async fn from_settings(settings: &SinkSettings) -> Result<Self, String> {
-        let config = aws_config::defaults(aws_config::BehaviorVersion::latest())
-            .retry_config(aws_config::retry::RetryConfig::disabled())
-            .load()
-            .await;
-        Self::new(Client::new(&config), settings)
+        Self::new(Client::new(&super::aws::config().await), settings)
     }
 
     /// A sink with this client; see [`KinesisSink::from_settings`].
@@ -142,35 +138,23 @@ impl KinesisSink {
     ///
     /// When no target is set, or a limit is out of range.
     pub fn new(client: Client, settings: &SinkSettings) -> Result<Self, String> {
-        let target = settings
-            .target
-            .clone()
-            .filter(|t| !t.is_empty())
-            .ok_or("DEAGG_SINK=kinesis needs DEAGG_SINK_TARGET, the stream's name or ARN")?;
-        if !(1..=MAX_REQUEST_BYTES).contains(&settings.max_request_bytes) {
-            return Err(format!(
-                "DEAGG_SINK_MAX_REQUEST_BYTES={} is not in 1..={MAX_REQUEST_BYTES}",
-                settings.max_request_bytes
-            ));
-        }
-        if !(1..=crate::kpl::MAX_RECORD_SIZE).contains(&settings.max_record_bytes) {
-            return Err(format!(
-                "DEAGG_SINK_MAX_RECORD_BYTES={} is not in 1..={}",
-                settings.max_record_bytes,
-                crate::kpl::MAX_RECORD_SIZE
-            ));
-        }
-        Aggregator::with_max_size(settings.aggregate_max_bytes.min(settings.max_record_bytes))
+        let target = settings.target("kinesis", "the stream's name or ARN")?;
+        let (max_request_bytes, max_record_bytes) = settings.byte_limits(
+            (5 << 20, 1 << 20),
+            (MAX_REQUEST_BYTES, crate::kpl::MAX_RECORD_SIZE),
+        )?;
+        let aggregate_max_bytes = settings.aggregate_max_bytes.min(max_record_bytes);
+        Aggregator::with_max_size(aggregate_max_bytes)
             .map_err(|e| format!("DEAGG_SINK_AGGREGATE_MAX_BYTES: {e}"))?;
         Ok(KinesisSink {
             client,
             target,
             aggregate: settings.aggregate == Switch::On,
-            aggregate_max_bytes: settings.aggregate_max_bytes.min(settings.max_record_bytes),
+            aggregate_max_bytes,
             limits: Limits {
                 max_entries: MAX_ENTRIES,
-                max_request_bytes: settings.max_request_bytes,
-                max_entry_bytes: settings.max_record_bytes,
+                max_request_bytes,
+                max_entry_bytes: max_record_bytes,
             },
             map_max_age: Duration::from_secs(settings.shard_map_max_age_s),
             map: Mutex::new(None),
@@ -240,53 +224,6 @@ impl KinesisSink {
     fn current_map(&self) -> Option<Arc<ShardMap>> {
         self.map.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
-}
-
-/// What a failed call says about trying again.
-fn classify<E: ProvideErrorMetadata + std::error::Error + 'static, R: std::fmt::Debug + 'static>(
-    error: &SdkError<E, R>,
-    operation: &str,
-) -> SendError {
-    let (kind, what) = match error {
-        SdkError::ServiceError(e) => {
-            let code = e.err().code().unwrap_or("");
-            let kind = match code {
-                "ProvisionedThroughputExceededException"
-                | "KMSThrottlingException"
-                | "LimitExceededException"
-                | "ThrottlingException"
-                | "Throttling"
-                | "RequestLimitExceeded"
-                | "TooManyRequestsException" => SendErrorKind::Throttled,
-                "InternalFailure"
-                | "InternalFailureException"
-                | "ServiceUnavailable"
-                | "ServiceUnavailableException" => SendErrorKind::Transient,
-                _ if code.is_empty() => SendErrorKind::Transient,
-                // ResourceNotFound, AccessDenied, InvalidArgument, Validation, KMS...: the
-                // same request fails the same way.
-                _ => SendErrorKind::Permanent,
-            };
-            let message = e.err().message().unwrap_or("");
-            (kind, format!("{code}: {message}"))
-        }
-        // No answer, or one that is not the service's: a timeout, a reset connection, a 5xx
-        // from a proxy.
-        other => (SendErrorKind::Transient, error_chain(other)),
-    };
-    SendError::new(kind, format!("{operation}: {what}"))
-}
-
-/// An error and its sources, on one line.
-fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        text.push_str(": ");
-        text.push_str(&s.to_string());
-        source = s.source();
-    }
-    text
 }
 
 /// Per-entry error codes of `PutRecords` that throttle.

@@ -53,13 +53,19 @@ use std::future::Future;
 use crate::kpl::UserRecord;
 use crate::transform::{Error, RecordContext};
 
+#[cfg(feature = "aws")]
+mod aws;
 mod backoff;
+#[cfg(feature = "sink-firehose")]
+pub mod firehose;
 #[cfg(feature = "sink-kinesis")]
 pub mod kinesis;
 pub(crate) mod outbox;
 mod settings;
+#[cfg(feature = "sink-sqs")]
+pub mod sqs;
 
-pub use settings::{SinkKind, SinkSettings};
+pub use settings::{Body, SinkKind, SinkSettings};
 
 /// What one request of a destination's API may hold.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -15,12 +15,29 @@ pub enum SinkKind {
     /// Another Kinesis stream (`PutRecords`), re-aggregated per shard unless
     /// `DEAGG_SINK_AGGREGATE=off`.
     Kinesis,
+    /// A Firehose stream (`PutRecordBatch`), one Firehose record per user record.
+    Firehose,
+    /// An SQS queue (`SendMessageBatch`), one message per user record; FIFO queues keep the
+    /// order per partition key.
+    Sqs,
+}
+
+/// How the SQS sink writes a user record's data into a message body (which SQS takes as
+/// XML-safe Unicode text only).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Body {
+    /// As it is when it is valid text for SQS; otherwise base64, with the message attribute
+    /// `content-transfer-encoding` = `base64`.
+    Auto,
+    /// Always base64, with the message attribute `content-transfer-encoding` = `base64`.
+    Base64,
 }
 
 /// Where the transform's outputs go, and how hard delivery tries; see the README.
 #[derive(Args, Clone, Debug, PartialEq)]
 pub struct SinkSettings {
-    /// Where each user record the transform accepts is delivered: `none` or `kinesis`.
+    /// Where each user record the transform accepts is delivered: `none`, `kinesis`,
+    /// `firehose` or `sqs`.
     #[arg(
         long = "sink",
         env = "DEAGG_SINK",
@@ -30,7 +47,8 @@ pub struct SinkSettings {
     )]
     pub kind: SinkKind,
 
-    /// The destination: a stream name or ARN for `kinesis`.
+    /// The destination: a stream name or ARN for `kinesis` and `firehose`, a queue URL for
+    /// `sqs`.
     #[arg(long = "sink-target", env = "DEAGG_SINK_TARGET")]
     pub target: Option<String>,
 
@@ -55,15 +73,38 @@ pub struct SinkSettings {
     )]
     pub aggregate_max_bytes: usize,
 
-    /// Largest record the destination accepts, in bytes (data plus partition key): 1 MiB,
-    /// or up to 10 MiB for a stream whose maximum record size was raised.
-    #[arg(long = "sink-max-record-bytes", env = "DEAGG_SINK_MAX_RECORD_BYTES", default_value_t = 1 << 20)]
-    pub max_record_bytes: usize,
+    /// Largest record the destination accepts, in bytes. Default and most: `kinesis` 1 MiB
+    /// (data plus partition key; up to 10 MiB for a stream whose maximum record size was
+    /// raised), `firehose` 1,000 KiB, `sqs` 1 MiB (body plus attributes; lower it for a queue
+    /// whose `MaximumMessageSize` is lower).
+    #[arg(long = "sink-max-record-bytes", env = "DEAGG_SINK_MAX_RECORD_BYTES")]
+    pub max_record_bytes: Option<usize>,
 
-    /// Largest request, in bytes: 5 MiB is within every `PutRecords` limit, old (5 MiB) and
-    /// new (10 MiB).
-    #[arg(long = "sink-max-request-bytes", env = "DEAGG_SINK_MAX_REQUEST_BYTES", default_value_t = 5 << 20)]
-    pub max_request_bytes: usize,
+    /// Largest request, in bytes. Default: `kinesis` 5 MiB (within every `PutRecords` limit,
+    /// old and new; up to 10 MiB), `firehose` 4 MiB, `sqs` 1 MiB (also the most).
+    #[arg(long = "sink-max-request-bytes", env = "DEAGG_SINK_MAX_REQUEST_BYTES")]
+    pub max_request_bytes: Option<usize>,
+
+    /// End each Firehose record with a newline (`on` for JSON lines in S3), unless it ends
+    /// with one already.
+    #[arg(
+        long = "sink-newline",
+        env = "DEAGG_SINK_NEWLINE",
+        value_enum,
+        ignore_case = true,
+        default_value = "off"
+    )]
+    pub newline: Switch,
+
+    /// How SQS message bodies hold the data: `auto` or `base64`.
+    #[arg(
+        long = "sink-body",
+        env = "DEAGG_SINK_BODY",
+        value_enum,
+        ignore_case = true,
+        default_value = "auto"
+    )]
+    pub body: Body,
 
     /// Sends of one entry before it is given up and its Kinesis record reported.
     #[arg(long = "sink-max-attempts", env = "DEAGG_SINK_MAX_ATTEMPTS", default_value_t = 10,
@@ -92,8 +133,10 @@ impl Default for SinkSettings {
             target: None,
             aggregate: Switch::On,
             aggregate_max_bytes: 1 << 20,
-            max_record_bytes: 1 << 20,
-            max_request_bytes: 5 << 20,
+            max_record_bytes: None,
+            max_request_bytes: None,
+            newline: Switch::Off,
+            body: Body::Auto,
             max_attempts: 10,
             timeout_ms: 10_000,
             shard_map_max_age_s: 300,
@@ -102,6 +145,47 @@ impl Default for SinkSettings {
 }
 
 impl SinkSettings {
+    /// The target, or an error naming what `sink` needs.
+    #[cfg_attr(not(feature = "aws"), allow(dead_code))]
+    pub(crate) fn target(&self, sink: &str, what: &str) -> Result<String, String> {
+        self.target
+            .clone()
+            .filter(|t| !t.is_empty())
+            .ok_or_else(|| format!("DEAGG_SINK={sink} needs DEAGG_SINK_TARGET, {what}"))
+    }
+
+    /// The request and record limits: the settings, or the destination's `default`s, within
+    /// its `most`s (`(request bytes, record bytes)` both).
+    #[cfg_attr(not(feature = "aws"), allow(dead_code))]
+    pub(crate) fn byte_limits(
+        &self,
+        default: (usize, usize),
+        most: (usize, usize),
+    ) -> Result<(usize, usize), String> {
+        let check = |value: Option<usize>, default: usize, most: usize, name: &str| {
+            let value = value.unwrap_or(default);
+            if (1..=most).contains(&value) {
+                Ok(value)
+            } else {
+                Err(format!("{name}={value} is not in 1..={most}"))
+            }
+        };
+        Ok((
+            check(
+                self.max_request_bytes,
+                default.0,
+                most.0,
+                "DEAGG_SINK_MAX_REQUEST_BYTES",
+            )?,
+            check(
+                self.max_record_bytes,
+                default.1,
+                most.1,
+                "DEAGG_SINK_MAX_RECORD_BYTES",
+            )?,
+        ))
+    }
+
     pub(crate) fn policy(&self) -> Policy {
         Policy {
             max_attempts: self.max_attempts,

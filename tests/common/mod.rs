@@ -1,6 +1,8 @@
 //! Helpers shared by the integration tests: building Lambda Kinesis events.
 #![allow(dead_code)]
 
+pub mod servers;
+
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
 use kinesis_deagg::event::KinesisEvent;
