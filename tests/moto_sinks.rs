@@ -12,7 +12,7 @@ use std::process::Command;
 use aws_sdk_sqs::types::{MessageSystemAttributeName, QueueAttributeName};
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
-use common::servers::{Server, moto, root};
+use common::servers::{Server, moto, proxy, root};
 use kinesis_deagg::batch::BatchOutcome;
 use kinesis_deagg::event::KinesisEvent;
 use kinesis_deagg::kpl::UserRecord;
@@ -146,19 +146,31 @@ async fn firehose_delivers_every_user_record_into_s3_one_line_each() {
     assert!(stats.requests > 1, "{stats:?}");
 
     let objects: Vec<String> = serde_json::from_str(&s3(server.port, "read", "lake")).unwrap();
-    let mut written = Vec::new();
+    assert!(objects.len() > 1);
+    // Each object is whole lines, one per user record, each ending with exactly one newline
+    // (Firehose keeps no order across requests: lines are compared as a multiset).
+    let mut lines = Vec::new();
     for o in objects {
-        written.extend(STANDARD.decode(o).unwrap());
+        let data = STANDARD.decode(o).unwrap();
+        assert!(data.ends_with(b"\n"));
+        lines.extend(
+            data[..data.len() - 1]
+                .split(|b| *b == b'\n')
+                .map(<[u8]>::to_vec),
+        );
     }
-    // Every record ends with exactly one newline, and Firehose kept them in order.
-    let mut expected = Vec::new();
-    for (_, data) in &users {
-        expected.extend_from_slice(data);
-        if !data.ends_with(b"\n") {
-            expected.push(b'\n');
-        }
-    }
-    assert_eq!(written, expected);
+    let mut want: Vec<Vec<u8>> = users
+        .iter()
+        .map(|(_, d)| d.strip_suffix(b"\n").unwrap_or(d).to_vec())
+        .collect();
+    lines.sort();
+    want.sort();
+    assert!(
+        lines == want,
+        "{} lines written, {} user records",
+        lines.len(),
+        want.len()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -324,4 +336,107 @@ async fn a_fifo_queue_keeps_each_partition_keys_order_and_a_retried_batch_is_not
         want.entry(key).or_default().push(data);
     }
     assert_eq!(per_group, want);
+}
+
+/// `n` Kinesis records of text user records (`r<i>.<j>`), plain and aggregated, and each
+/// user record's data by Kinesis record.
+fn text_source(n: usize) -> (KinesisEvent, Vec<Vec<String>>) {
+    let mut b = EventBuilder::new();
+    let mut records = Vec::new();
+    for i in 0..n {
+        let users: Vec<(String, String)> = (0..1 + i % 4)
+            .map(|j| (format!("key-{}", (i + j) % 5), format!("r{i}.{j}")))
+            .collect();
+        let refs: Vec<(&str, &[u8])> = users
+            .iter()
+            .map(|(k, d)| (k.as_str(), d.as_bytes()))
+            .collect();
+        b = if refs.len() == 1 {
+            b.plain(refs[0].0, refs[0].1)
+        } else {
+            b.aggregate(&refs)
+        };
+        records.push(users.into_iter().map(|(_, d)| d).collect());
+    }
+    (b.build(), records)
+}
+
+/// The first Kinesis record with a user record that did not arrive.
+fn first_missing(records: &[Vec<String>], arrived: &[String]) -> Option<usize> {
+    let arrived: std::collections::BTreeSet<&str> = arrived.iter().map(String::as_str).collect();
+    records
+        .iter()
+        .position(|users| users.iter().any(|u| !arrived.contains(u.as_str())))
+}
+
+/// Delivers `text_source(60)` to `kind` through the fault proxy with `plan`, trying each entry
+/// `attempts` times; checks that the reported record is exactly the first one missing at the
+/// destination, and returns whether one was reported.
+async fn through_faults(kind: SinkKind, plan: &str, attempts: u32) -> bool {
+    let server = moto();
+    let faults = proxy(&server, plan);
+    let (event, records) = text_source(60);
+    let direct = config(server.port);
+    let faulty = config(faults.port);
+    let mut settings = settings(kind, "");
+    settings.sink.max_attempts = attempts;
+    settings.sink.timeout_ms = 1_000;
+    let (outcome, arrived) = match kind {
+        SinkKind::Firehose => {
+            firehose_into_s3(server.port, "lines", "lake").await;
+            settings.sink.target = Some("lines".into());
+            settings.sink.newline = Switch::On;
+            let sink = FirehoseSink::new(aws_sdk_firehose::Client::new(&faulty), &settings.sink);
+            let outcome = deliver(sink.unwrap(), settings, &event).await;
+            let objects: Vec<String> =
+                serde_json::from_str(&s3(server.port, "read", "lake")).unwrap();
+            let mut lines = Vec::new();
+            for o in objects {
+                let text = String::from_utf8(STANDARD.decode(o).unwrap()).unwrap();
+                lines.extend(text.lines().map(str::to_string));
+            }
+            (outcome, lines)
+        }
+        _ => {
+            let sqs = aws_sdk_sqs::Client::new(&direct);
+            let url = sqs.create_queue().queue_name("q").send().await.unwrap();
+            settings.sink.target = url.queue_url().map(str::to_string);
+            let sink = SqsSink::new(aws_sdk_sqs::Client::new(&faulty), &settings.sink);
+            let outcome = deliver(sink.unwrap(), settings, &event).await;
+            let url = url.queue_url().unwrap();
+            let bodies = receive_all(&sqs, url).await;
+            (
+                outcome,
+                bodies
+                    .iter()
+                    .map(|m| m.body().unwrap().to_string())
+                    .collect(),
+            )
+        }
+    };
+    let reported = outcome.failure.as_ref().map(|f| f.index);
+    assert_eq!(
+        reported,
+        first_missing(&records, &arrived),
+        "{:?}",
+        outcome.failure
+    );
+    reported.is_some()
+}
+
+const RECOVERABLE: &str = r#"{"seed": 3, "entry_throttle": 0.3, "request_throttle": 0.1,
+    "server_error": 0.1, "reset": 0.05, "delay": 0.05, "delay_ms": 1500}"#;
+const HOPELESS: &str = r#"{"seed": 5, "entry_throttle": 0.6, "request_throttle": 0.1,
+    "server_error": 0.1, "reset": 0.05}"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn firehose_entries_refused_in_its_own_shape_are_retried_and_the_report_is_exact() {
+    assert!(!through_faults(SinkKind::Firehose, RECOVERABLE, 20).await);
+    assert!(through_faults(SinkKind::Firehose, HOPELESS, 2).await);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqs_messages_failed_in_its_own_shape_are_retried_and_the_report_is_exact() {
+    assert!(!through_faults(SinkKind::Sqs, RECOVERABLE, 20).await);
+    assert!(through_faults(SinkKind::Sqs, HOPELESS, 2).await);
 }

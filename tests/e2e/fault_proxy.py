@@ -1,20 +1,23 @@
-"""A fault-injecting HTTP proxy in front of a local AWS service (kinesalite), on 127.0.0.1.
+"""A fault-injecting HTTP proxy in front of a local AWS service (kinesalite, moto), on 127.0.0.1.
 
     python tests/e2e/fault_proxy.py UPSTREAM_URL [PLAN_JSON]
 
-Prints "listening PORT" once it accepts connections. Only `PutRecords` requests are faulted;
-the rest pass through. The plan (JSON, every key optional) says how often each fault happens,
-drawn from a generator seeded with `seed`, so that a run can be repeated:
+Prints "listening PORT" once it accepts connections. Only the batch writes are faulted
+(Kinesis `PutRecords`, Firehose `PutRecordBatch`, SQS `SendMessageBatch`), each with its own
+service's error shapes; the rest pass through. The plan (JSON, every key optional) says how
+often each fault happens, drawn from a generator seeded with `seed`, so that a run can be
+repeated:
 
-- `entry_throttle`: share of a request's entries answered `ProvisionedThroughputExceededException`,
-  per entry, as Kinesis does: those entries are taken out of the request before it is forwarded,
-  so they are truly not written, and the answer has them failed in their places.
-- `request_throttle`: share of requests answered 400 `ProvisionedThroughputExceededException`.
+- `entry_throttle`: share of a request's entries refused per entry, as the service does
+  (Kinesis `ProvisionedThroughputExceededException`, Firehose `ServiceUnavailableException`,
+  SQS an `InternalError` in `Failed`): those entries are taken out of the request before it is
+  forwarded, so they are truly not written, and the answer has them failed in their places.
+- `request_throttle`: share of requests answered 400 with the service's throttling error.
 - `server_error`: share answered 500 `InternalFailure`.
 - `reset`: share whose connection is closed without an answer (nothing forwarded).
 - `delay`: share forwarded, then answered `delay_ms` late (the records were written).
-- `permanent_after`: from this request on (0-based), every one is answered 400
-  `ResourceNotFoundException`.
+- `permanent_after`: from this request on (0-based), every one is answered 400 with the
+  service's not-found error.
 
 `tally` on stderr at exit (SIGTERM): counts of each fault.
 """
@@ -53,6 +56,43 @@ def forward(handler, body):
         return e.code, dict(e.headers), e.read()
 
 
+def kinesis_merge(reply, refused):
+    out, it = [], iter(reply["Records"] if reply else [])
+    for r in refused:
+        out.append({"ErrorCode": "ProvisionedThroughputExceededException",
+                    "ErrorMessage": "Rate exceeded for shard (fault proxy)"} if r else next(it))
+    return {"FailedRecordCount": sum(1 for r in out if "ErrorCode" in r), "Records": out}
+
+
+def firehose_merge(reply, refused):
+    out, it = [], iter(reply["RequestResponses"] if reply else [])
+    for r in refused:
+        out.append({"ErrorCode": "ServiceUnavailableException",
+                    "ErrorMessage": "Slow down (fault proxy)"} if r else next(it))
+    return {"FailedPutCount": sum(1 for r in out if "ErrorCode" in r), "Encrypted": False,
+            "RequestResponses": out}
+
+
+def sqs_merge(reply, refused, entries):
+    reply = dict(reply or {"Successful": []})
+    reply["Failed"] = list(reply.get("Failed", [])) + [
+        {"Id": e["Id"], "SenderFault": False, "Code": "InternalError", "Message": "fault proxy"}
+        for e, r in zip(entries, refused) if r]
+    return reply
+
+
+# Per operation: the request's list of entries, how an answer is rebuilt, the content type,
+# the throttling error, the not-found error.
+SERVICES = {
+    "PutRecords": ("Records", kinesis_merge, "application/x-amz-json-1.1",
+                   "ProvisionedThroughputExceededException", "ResourceNotFoundException"),
+    "PutRecordBatch": ("Records", firehose_merge, "application/x-amz-json-1.1",
+                       "ServiceUnavailableException", "ResourceNotFoundException"),
+    "SendMessageBatch": ("Entries", None, "application/x-amz-json-1.0",
+                         "RequestThrottled", "QueueDoesNotExist"),
+}
+
+
 class Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
 
@@ -61,7 +101,7 @@ class Handler(BaseHTTPRequestHandler):
 
     def answer(self, status, body, headers=None):
         self.send_response(status)
-        headers = headers or {"Content-Type": "application/x-amz-json-1.1"}
+        headers = headers or {"Content-Type": self.content_type}
         for k, v in headers.items():
             if k.lower() not in ("content-length", "transfer-encoding", "connection", "date", "server"):
                 self.send_header(k, v)
@@ -74,10 +114,13 @@ class Handler(BaseHTTPRequestHandler):
 
     def do_POST(self):
         body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
-        target = self.headers.get("X-Amz-Target", "")
+        operation = self.headers.get("X-Amz-Target", "").rpartition(".")[2]
+        service = SERVICES.get(operation)
+        self.content_type = service[2] if service else "application/x-amz-json-1.1"
         with LOCK:
             count("requests")
-            if not target.endswith(".PutRecords"):
+            refused = []
+            if not service:
                 fault = None
             else:
                 n = TALLY["put_records"]
@@ -90,46 +133,42 @@ class Handler(BaseHTTPRequestHandler):
                 if fault:
                     count(fault)
                 # Per entry, drawn only when the request goes through.
-                throttled = []
                 if fault in (None, "delay") and PLAN.get("entry_throttle"):
-                    request = json.loads(body)
-                    throttled = [draw("entry_throttle") for _ in request["Records"]]
-                    count("entries_throttled", sum(throttled))
+                    refused = [draw("entry_throttle") for _ in json.loads(body)[service[0]]]
+                    count("entries_throttled", sum(refused))
         if fault == "permanent":
-            return self.error(400, "ResourceNotFoundException", "Stream not found (fault proxy)")
+            return self.error(400, service[4], "Not found (fault proxy)")
         if fault == "request_throttle":
-            return self.error(400, "ProvisionedThroughputExceededException", "Rate exceeded (fault proxy)")
+            return self.error(400, service[3], "Rate exceeded (fault proxy)")
         if fault == "server_error":
             return self.error(500, "InternalFailure", "fault proxy")
         if fault == "reset":
             self.close_connection = True
             self.connection.close()
             return
-        if target.endswith(".PutRecords") and any(throttled):
-            return self.put_some(body, throttled, fault == "delay")
+        if any(refused):
+            return self.put_some(service, body, refused, fault == "delay")
         status, headers, reply = forward(self, body)
         if fault == "delay":
             time.sleep(PLAN.get("delay_ms", 1000) / 1000)
         self.answer(status, reply, headers)
 
-    def put_some(self, body, throttled, delay):
+    def put_some(self, service, body, refused, delay):
+        key, merge = service[0], service[1]
         request = json.loads(body)
-        kept = [r for r, t in zip(request["Records"], throttled) if not t]
-        results = []
+        entries = request[key]
+        kept = [e for e, r in zip(entries, refused) if not r]
+        reply = None
         if kept:
-            request["Records"] = kept
-            status, headers, reply = forward(self, json.dumps(request).encode())
+            request[key] = kept
+            status, headers, raw = forward(self, json.dumps(request).encode())
             if status != 200:
-                return self.answer(status, reply, headers)
-            results = json.loads(reply)["Records"]
-        out, it = [], iter(results)
-        for t in throttled:
-            out.append({"ErrorCode": "ProvisionedThroughputExceededException",
-                        "ErrorMessage": "Rate exceeded for shard (fault proxy)"} if t else next(it))
-        failed = sum(1 for r in out if "ErrorCode" in r)
+                return self.answer(status, raw, headers)
+            reply = json.loads(raw)
+        merged = merge(reply, refused) if merge else sqs_merge(reply, refused, entries)
         if delay:
             time.sleep(PLAN.get("delay_ms", 1000) / 1000)
-        self.answer(200, json.dumps({"FailedRecordCount": failed, "Records": out}).encode())
+        self.answer(200, json.dumps(merged).encode())
 
 
 def main():
