@@ -199,6 +199,8 @@ async fn with_sink<T: Transform + 'static, W: WithProcessor<T>>(
     #[cfg_attr(not(feature = "aws"), allow(unused_macros))]
     macro_rules! with_built_in {
         ($sink:ty) => {{
+            // Refused before the SDK's configuration is loaded (which may probe the network).
+            settings.sink.target()?;
             let sink = <$sink>::from_settings(&settings.sink).await?;
             Ok(with
                 .call(Processor::with_sink(transform, sink, settings))

@@ -55,7 +55,7 @@ impl FirehoseSink {
     ///
     /// When no target is set, or a limit is out of range.
     pub fn new(client: Client, settings: &SinkSettings) -> Result<Self, String> {
-        let target = settings.target("firehose", "the Firehose stream's name or ARN")?;
+        let target = settings.target()?;
         // PutRecordBatch names the stream; an ARN ends with `deliverystream/<name>`.
         let name = match target.strip_prefix("arn:") {
             Some(_) => match target.rsplit_once(":deliverystream/") {

@@ -138,7 +138,7 @@ impl KinesisSink {
     ///
     /// When no target is set, or a limit is out of range.
     pub fn new(client: Client, settings: &SinkSettings) -> Result<Self, String> {
-        let target = settings.target("kinesis", "the stream's name or ARN")?;
+        let target = settings.target()?;
         let (max_request_bytes, max_record_bytes) = settings.byte_limits(
             (5 << 20, 1 << 20),
             (MAX_REQUEST_BYTES, crate::kpl::MAX_RECORD_SIZE),

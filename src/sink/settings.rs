@@ -145,13 +145,19 @@ impl Default for SinkSettings {
 }
 
 impl SinkSettings {
-    /// The target, or an error naming what `sink` needs.
+    /// The target, or an error naming what the sink needs.
     #[cfg_attr(not(feature = "aws"), allow(dead_code))]
-    pub(crate) fn target(&self, sink: &str, what: &str) -> Result<String, String> {
+    pub(crate) fn target(&self) -> Result<String, String> {
+        let (name, what) = match self.kind {
+            SinkKind::None => ("none", "a destination"),
+            SinkKind::Kinesis => ("kinesis", "the stream's name or ARN"),
+            SinkKind::Firehose => ("firehose", "the Firehose stream's name or ARN"),
+            SinkKind::Sqs => ("sqs", "the queue's URL"),
+        };
         self.target
             .clone()
             .filter(|t| !t.is_empty())
-            .ok_or_else(|| format!("DEAGG_SINK={sink} needs DEAGG_SINK_TARGET, {what}"))
+            .ok_or_else(|| format!("DEAGG_SINK={name} needs DEAGG_SINK_TARGET, {what}"))
     }
 
     /// The request and record limits: the settings, or the destination's `default`s, within

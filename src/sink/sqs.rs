@@ -72,7 +72,7 @@ impl SqsSink {
     ///
     /// When no target is set, or a limit is out of range.
     pub fn new(client: Client, settings: &SinkSettings) -> Result<Self, String> {
-        let queue_url = settings.target("sqs", "the queue's URL")?;
+        let queue_url = settings.target()?;
         let (max_request_bytes, max_entry_bytes) =
             settings.byte_limits((MAX_BYTES, MAX_BYTES), (MAX_BYTES, MAX_BYTES))?;
         Ok(SqsSink {
