@@ -160,47 +160,57 @@ mod servers;
 
 #[cfg(test)]
 mod tests {
-    //! Against moto's DynamoDB: every user record is an item, and delivering the same batch
-    //! again (Lambda's retry) overwrites rather than duplicates.
+    //! Against moto's DynamoDB: every user record is an item, delivering the same batch again
+    //! (Lambda's retry) overwrites rather than duplicates, and behind the fault proxy only the
+    //! `UnprocessedItems` are sent again, with the report exactly the first record missing.
     use super::*;
+    use kinesis_deagg::batch::BatchOutcome;
+    use kinesis_deagg::event::KinesisEvent;
     use kinesis_deagg::testing::EventBuilder;
 
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn every_user_record_is_one_item_and_a_retry_overwrites_it() {
-        let server = crate::servers::moto();
+    fn client(port: u16) -> Client {
         let config = aws_config::SdkConfig::builder()
             .behavior_version(aws_config::BehaviorVersion::latest())
-            .endpoint_url(format!("http://127.0.0.1:{}", server.port))
+            .endpoint_url(format!("http://127.0.0.1:{port}"))
             .region(aws_config::Region::new("us-east-1"))
             .credentials_provider(aws_sdk_dynamodb::config::SharedCredentialsProvider::new(
                 aws_sdk_dynamodb::config::Credentials::new("test", "test", None, None, "test"),
             ))
             .build();
-        let client = Client::new(&config);
+        Client::new(&config)
+    }
+
+    async fn create_table(client: &Client) {
+        use aws_sdk_dynamodb::types::{
+            AttributeDefinition, BillingMode, KeySchemaElement, KeyType, ScalarAttributeType,
+        };
         client
             .create_table()
             .table_name("records")
             .key_schema(
-                aws_sdk_dynamodb::types::KeySchemaElement::builder()
+                KeySchemaElement::builder()
                     .attribute_name("id")
-                    .key_type(aws_sdk_dynamodb::types::KeyType::Hash)
+                    .key_type(KeyType::Hash)
                     .build()
                     .unwrap(),
             )
             .attribute_definitions(
-                aws_sdk_dynamodb::types::AttributeDefinition::builder()
+                AttributeDefinition::builder()
                     .attribute_name("id")
-                    .attribute_type(aws_sdk_dynamodb::types::ScalarAttributeType::S)
+                    .attribute_type(ScalarAttributeType::S)
                     .build()
                     .unwrap(),
             )
-            .billing_mode(aws_sdk_dynamodb::types::BillingMode::PayPerRequest)
+            .billing_mode(BillingMode::PayPerRequest)
             .send()
             .await
             .unwrap();
-        // 30 Kinesis records, 70 user records: several requests of 25.
+    }
+
+    /// 30 Kinesis records, 75 user records (several requests of 25), and each one's data.
+    fn event() -> (KinesisEvent, Vec<Vec<Vec<u8>>>) {
         let mut b = EventBuilder::new();
-        let mut want = Vec::new();
+        let mut records = Vec::new();
         for i in 0..30usize {
             let users: Vec<(String, Vec<u8>)> = (0..1 + i % 4)
                 .map(|j| (format!("k{}", i % 3), format!("{i}.{j}").into_bytes()))
@@ -208,27 +218,81 @@ mod tests {
             let refs: Vec<(&str, &[u8])> =
                 users.iter().map(|(k, d)| (k.as_str(), &d[..])).collect();
             b = b.aggregate(&refs);
-            want.extend(users.into_iter().map(|(_, d)| d));
+            records.push(users.into_iter().map(|(_, d)| d).collect());
         }
-        let event = b.build();
-        for _ in 0..2 {
-            let sink = DynamoDbSink {
-                client: client.clone(),
-                table: "records".into(),
-            };
-            let outcome = Processor::with_sink(keep, sink, Settings::default())
-                .handle(&event, None)
-                .await;
-            assert_eq!(outcome.failure, None);
-        }
+        (b.build(), records)
+    }
+
+    async fn deliver(client: &Client, settings: Settings, event: &KinesisEvent) -> BatchOutcome {
+        let sink = DynamoDbSink {
+            client: client.clone(),
+            table: "records".into(),
+        };
+        Processor::with_sink(keep, sink, settings)
+            .handle(event, None)
+            .await
+    }
+
+    async fn items(client: &Client) -> Vec<Vec<u8>> {
         let scan = client.scan().table_name("records").send().await.unwrap();
-        let mut got: Vec<Vec<u8>> = scan
+        let mut items: Vec<Vec<u8>> = scan
             .items()
             .iter()
             .map(|item| item["data"].as_b().unwrap().as_ref().to_vec())
             .collect();
-        got.sort();
+        items.sort();
+        items
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn every_user_record_is_one_item_and_a_retry_overwrites_it() {
+        let server = crate::servers::moto();
+        let client = client(server.port);
+        create_table(&client).await;
+        let (event, records) = event();
+        for _ in 0..2 {
+            let outcome = deliver(&client, Settings::default(), &event).await;
+            assert_eq!(outcome.failure, None);
+        }
+        let mut want: Vec<Vec<u8>> = records.into_iter().flatten().collect();
         want.sort();
-        assert_eq!(got, want, "one item per user record, none twice");
+        assert_eq!(
+            items(&client).await,
+            want,
+            "one item per user record, none twice"
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn unprocessed_items_alone_are_sent_again_and_the_report_is_exact() {
+        for (plan, attempts, reported) in [
+            (
+                r#"{"seed": 2, "entry_throttle": 0.4, "request_throttle": 0.1, "server_error": 0.1, "reset": 0.05}"#,
+                20,
+                false,
+            ),
+            (
+                r#"{"seed": 4, "entry_throttle": 0.7, "server_error": 0.1}"#,
+                2,
+                true,
+            ),
+        ] {
+            let server = crate::servers::moto();
+            let faults = crate::servers::proxy(&server, plan);
+            let direct = client(server.port);
+            create_table(&direct).await;
+            let (event, records) = event();
+            let mut settings = Settings::default();
+            settings.sink.max_attempts = attempts;
+            let outcome = deliver(&client(faults.port), settings, &event).await;
+            let stats = outcome.stats.sink.clone().unwrap();
+            assert!(stats.throttled_entries > 0, "{stats:?}");
+            let written = items(&direct).await;
+            let first_missing = records
+                .iter()
+                .position(|users| users.iter().any(|u| written.binary_search(u).is_err()));
+            assert_eq!(outcome.failure.as_ref().map(|f| f.index), first_missing);
+            assert_eq!(first_missing.is_some(), reported, "{:?}", outcome.failure);
+        }
     }
 }

@@ -3,14 +3,15 @@
     python tests/e2e/fault_proxy.py UPSTREAM_URL [PLAN_JSON]
 
 Prints "listening PORT" once it accepts connections. Only the batch writes are faulted
-(Kinesis `PutRecords`, Firehose `PutRecordBatch`, SQS `SendMessageBatch`), each with its own
+(Kinesis `PutRecords`, Firehose `PutRecordBatch`, SQS `SendMessageBatch`, DynamoDB
+`BatchWriteItem`), each with its own
 service's error shapes; the rest pass through. The plan (JSON, every key optional) says how
 often each fault happens, drawn from a generator seeded with `seed`, so that a run can be
 repeated:
 
 - `entry_throttle`: share of a request's entries refused per entry, as the service does
   (Kinesis `ProvisionedThroughputExceededException`, Firehose `ServiceUnavailableException`,
-  SQS an `InternalError` in `Failed`): those entries are taken out of the request before it is
+  SQS an `InternalError` in `Failed`, DynamoDB `UnprocessedItems`): those entries are taken out of the request before it is
   forwarded, so they are truly not written, and the answer has them failed in their places.
 - `request_throttle`: share of requests answered 400 with the service's throttling error.
 - `server_error`: share answered 500 `InternalFailure`.
@@ -81,7 +82,15 @@ def sqs_merge(reply, refused, entries):
     return reply
 
 
-# Per operation: the request's list of entries, how an answer is rebuilt, the content type,
+def dynamodb_merge(reply, refused, entries, table):
+    reply = dict(reply or {})
+    unprocessed = dict(reply.get("UnprocessedItems") or {})
+    unprocessed[table] = list(unprocessed.get(table, [])) + [e for e, r in zip(entries, refused) if r]
+    reply["UnprocessedItems"] = unprocessed
+    return reply
+
+
+# Per operation: the request's list of entries (a DynamoDB request's one table's), how an answer is rebuilt, the content type,
 # the throttling error, the not-found error.
 SERVICES = {
     "PutRecords": ("Records", kinesis_merge, "application/x-amz-json-1.1",
@@ -90,7 +99,17 @@ SERVICES = {
                        "ServiceUnavailableException", "ResourceNotFoundException"),
     "SendMessageBatch": ("Entries", None, "application/x-amz-json-1.0",
                          "RequestThrottled", "QueueDoesNotExist"),
+    "BatchWriteItem": ("RequestItems", None, "application/x-amz-json-1.0",
+                       "ProvisionedThroughputExceededException", "ResourceNotFoundException"),
 }
+
+
+def entries_of(request, key):
+    """The entries of a request, and a function that puts others in their place."""
+    if key == "RequestItems":
+        (table, entries), = request[key].items()
+        return entries, lambda kept: request[key].update({table: kept}), table
+    return request[key], lambda kept: request.update({key: kept}), None
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -134,7 +153,7 @@ class Handler(BaseHTTPRequestHandler):
                     count(fault)
                 # Per entry, drawn only when the request goes through.
                 if fault in (None, "delay") and PLAN.get("entry_throttle"):
-                    refused = [draw("entry_throttle") for _ in json.loads(body)[service[0]]]
+                    refused = [draw("entry_throttle") for _ in entries_of(json.loads(body), service[0])[0]]
                     count("entries_throttled", sum(refused))
         if fault == "permanent":
             return self.error(400, service[4], "Not found (fault proxy)")
@@ -154,18 +173,23 @@ class Handler(BaseHTTPRequestHandler):
         self.answer(status, reply, headers)
 
     def put_some(self, service, body, refused, delay):
-        key, merge = service[0], service[1]
+        merge = service[1]
         request = json.loads(body)
-        entries = request[key]
+        entries, put, table = entries_of(request, service[0])
         kept = [e for e, r in zip(entries, refused) if not r]
         reply = None
         if kept:
-            request[key] = kept
+            put(kept)
             status, headers, raw = forward(self, json.dumps(request).encode())
             if status != 200:
                 return self.answer(status, raw, headers)
             reply = json.loads(raw)
-        merged = merge(reply, refused) if merge else sqs_merge(reply, refused, entries)
+        if merge:
+            merged = merge(reply, refused)
+        elif table:
+            merged = dynamodb_merge(reply, refused, entries, table)
+        else:
+            merged = sqs_merge(reply, refused, entries)
         if delay:
             time.sleep(PLAN.get("delay_ms", 1000) / 1000)
         self.answer(200, json.dumps(merged).encode())
