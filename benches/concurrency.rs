@@ -63,7 +63,7 @@ fn main() {
         };
         let processor = Processor::new(transform, settings);
         let start = Instant::now();
-        let outcome = rt.block_on(processor.handle(&event, None));
+        let outcome = rt.block_on(processor.handle(&event, None)).unwrap();
         assert!(outcome.failure.is_none());
         assert_eq!(outcome.stats.user_records, USER_RECORDS as u64);
         USER_RECORDS as f64 / start.elapsed().as_secs_f64()

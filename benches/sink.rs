@@ -138,7 +138,7 @@ fn main() {
             assert!(r.unwrap().batch_item_failures.is_empty());
         });
         let event = kinesis_deagg::event::KinesisEvent::from_slice(&body).unwrap();
-        let outcome = rt.block_on(sinking.handle(&event, None));
+        let outcome = rt.block_on(sinking.handle(&event, None)).unwrap();
         let stats = outcome.stats.sink.unwrap();
         println!(
             "{}",

@@ -44,6 +44,7 @@ fn main() {
         let event = KinesisEvent::from_slice(&body).unwrap();
         let user_records = rt
             .block_on(processor.handle(&event, None))
+            .unwrap()
             .stats
             .user_records;
         times.sort_by(f64::total_cmp);

@@ -231,6 +231,7 @@ mod tests {
         Processor::with_sink(keep, sink, settings)
             .handle(event, None)
             .await
+            .unwrap()
     }
 
     async fn items(client: &Client) -> Vec<Vec<u8>> {

@@ -100,7 +100,7 @@ mod tests {
             ("3", r#"{"order":3,"status":"lost"}"#),
             ("4", r#"not json"#),
         ]);
-        let outcome = processor.handle(&e, None).await;
+        let outcome = processor.handle(&e, None).await.unwrap();
         assert_eq!(outcome.failure.unwrap().sequence_number, "3");
         assert_eq!(outcome.stats.succeeded, 2);
     }
@@ -109,7 +109,7 @@ mod tests {
     async fn a_record_that_is_not_an_order_event_is_reported_with_serdes_reason() {
         let processor = Processor::new(transform::json(store_order), Settings::default());
         let e = event(&[("1", r#"{"order":1,"status":"paid"}"#), ("2", "not json")]);
-        let failure = processor.handle(&e, None).await.failure.unwrap();
+        let failure = processor.handle(&e, None).await.unwrap().failure.unwrap();
         assert_eq!(failure.sequence_number, "2");
         let reason = failure.reason.to_string();
         assert!(
@@ -123,7 +123,8 @@ mod tests {
         let e = KinesisEvent::from_slice(include_bytes!("../events/mixed.json")).unwrap();
         let outcome = Processor::new(transform::json(store_order), Settings::default())
             .handle(&e, None)
-            .await;
+            .await
+            .unwrap();
         assert!(outcome.failure.is_none());
         assert_eq!(outcome.stats.succeeded, 7);
     }

@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::task::Poll;
 use std::time::{Duration, Instant, SystemTime};
 
-use aws_lambda_events::event::streams::KinesisEventResponse;
+use aws_lambda_events::event::streams::{KinesisBatchItemFailure, KinesisEventResponse};
 use bytestring::ByteString;
 use futures::FutureExt;
 
@@ -25,6 +25,7 @@ use crate::settings::Settings;
 use crate::sink::outbox::{Driver, Outbox, Report};
 use crate::sink::{NoSink, Position, Sink, SinkStats};
 use crate::transform::{Batch, Output, RecordContext, Transform};
+use crate::window::{State, WindowStats};
 
 /// What happens to a record whose base64 is invalid or whose aggregate is corrupt
 /// (`DEAGG_ON_CORRUPT`).
@@ -243,6 +244,8 @@ pub struct BatchStats {
     pub oldest_arrival: Option<SystemTime>,
     /// What the sink did, when there is one.
     pub sink: Option<SinkStats>,
+    /// What the window step did, for a window event.
+    pub window: Option<WindowStats>,
 }
 
 /// Why a batch stopped before its end.
@@ -333,6 +336,8 @@ pub struct BatchOutcome {
     pub stats: BatchStats,
     /// The counters transforms added through [`RecordContext::metrics`].
     pub metrics: BTreeMap<String, f64>,
+    /// The state to answer, for a tumbling-window event (see [`crate::window`]).
+    pub state: Option<State>,
 }
 
 impl BatchOutcome {
@@ -344,14 +349,31 @@ impl BatchOutcome {
     }
 
     /// The partial batch response: `{"batchItemFailures":[]}` on success, else exactly one
-    /// item naming the first record not fully processed. Never an empty identifier.
-    pub fn response(&self) -> KinesisEventResponse {
+    /// item naming the first record not fully processed. Never an empty identifier. For a
+    /// window event, with the `state`.
+    pub fn response(&self) -> Response {
         let mut response = KinesisEventResponse::default();
         if let Some(f) = &self.failure {
             response.add_failure(f.sequence_number.to_string());
         }
-        response
+        Response {
+            batch_item_failures: response.batch_item_failures,
+            state: self.state.clone(),
+        }
     }
+}
+
+/// What the function answers Lambda: `{"batchItemFailures":[...]}`, plus `"state"` for a
+/// tumbling-window event (Lambda's `TimeWindowEventResponse`).
+#[derive(Clone, Debug, Default, PartialEq, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+#[non_exhaustive]
+pub struct Response {
+    /// At most one: the first record not fully processed.
+    pub batch_item_failures: Vec<KinesisBatchItemFailure>,
+    /// The window's state, for a window event.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub state: Option<State>,
 }
 
 /// One user record waiting for the transform, with the index of its Kinesis record.
@@ -432,19 +454,23 @@ pub async fn process<T: Transform>(
     deadline: Option<Instant>,
 ) -> BatchOutcome {
     let batch = Batch::new(records.to_vec());
-    process_verified(
+    let (outcome, _) = process_verified(
         &batch,
         Verifier::default(),
         transform,
         None::<&NoSink>,
         settings,
         deadline,
+        false,
     )
-    .await
+    .await;
+    outcome
 }
 
 /// [`process`] on a batch the contexts share, with the checks `verifier` has under way (see
-/// [`Verifier`]), delivering what the transform accepts to `sink` when there is one.
+/// [`Verifier`]), delivering what the transform accepts to `sink` when there is one. With
+/// `keep`, it also gives the user records of each Kinesis record reached (for a window to
+/// fold; shared, not copied).
 pub(crate) async fn process_verified<T: Transform, S: Sink>(
     batch: &Arc<Batch>,
     verifier: Verifier,
@@ -452,7 +478,9 @@ pub(crate) async fn process_verified<T: Transform, S: Sink>(
     sink: Option<&S>,
     settings: &Settings,
     deadline: Option<Instant>,
-) -> BatchOutcome {
+    keep: bool,
+) -> (BatchOutcome, Vec<UserRecords>) {
+    let mut kept = Vec::new();
     let records = &batch.records[..];
     // Counted for every record, reached or not: the rest only for the records reached.
     let mut stats = BatchStats {
@@ -482,6 +510,9 @@ pub(crate) async fn process_verified<T: Transform, S: Sink>(
             .zip(deaggregated)
             .map(|((index, record), deaggregated)| {
                 let u = unpack_from(record, deaggregated, settings);
+                if keep {
+                    kept.push(u.user_records.clone());
+                }
                 let passed_through = tally(&mut stats, &floor, index, &u);
                 (index, u, passed_through)
             });
@@ -570,11 +601,13 @@ pub(crate) async fn process_verified<T: Transform, S: Sink>(
             f.sequence_number
         );
     }
-    BatchOutcome {
+    let outcome = BatchOutcome {
         failure,
         stats,
         metrics: batch.metrics.snapshot(),
-    }
+        state: None,
+    };
+    (outcome, kept)
 }
 
 /// Counts one unpacked record in `stats` (lowering the floor for a corrupt record that fails

@@ -14,6 +14,30 @@ use crate::lambda::Processor;
 use crate::settings::{NoSettings, Settings, SettingsError};
 use crate::sink::{Sink, SinkKind};
 use crate::transform::Transform;
+use crate::window::{ErasedWindow, Window};
+
+/// A transform and, for tumbling-window events, the [`Window`] keeping their state: what
+/// [`lambda`] and [`invoke`] run.
+pub struct Consumer<T> {
+    transform: T,
+    window: Option<std::sync::Arc<dyn ErasedWindow>>,
+}
+
+impl<T: Transform> Consumer<T> {
+    /// A consumer running `transform`; window events are answered with an empty state.
+    pub fn new(transform: T) -> Self {
+        Consumer {
+            transform,
+            window: None,
+        }
+    }
+
+    /// The consumer with `window` keeping the state of window events.
+    pub fn with_window(mut self, window: impl Window + 'static) -> Self {
+        self.window = Some(std::sync::Arc::new(window));
+        self
+    }
+}
 
 /// The whole `main` of a consumer with its own transform, in and outside Lambda.
 ///
@@ -48,11 +72,29 @@ pub fn main<T: Transform + 'static>(transform: T) -> ExitCode {
     main_with(|_: NoSettings| transform)
 }
 
+/// [`main`] for a consumer that also aggregates tumbling windows with `window` (see
+/// [`crate::window`]).
+pub fn main_windowed<T: Transform + 'static>(
+    transform: T,
+    window: impl Window + 'static,
+) -> ExitCode {
+    consumer_main(|_: NoSettings| Consumer::new(transform).with_window(window))
+}
+
 /// [`main`] for a transform with settings of its own: `A`'s flags (and their environment
 /// variables) are read with the others, and `make` builds the transform from them. The
 /// `kinesis-deagg` binary runs its built-in transforms this way, with
 /// [`BuiltinSettings`](crate::settings::BuiltinSettings).
 pub fn main_with<A, T>(make: impl FnOnce(A) -> T) -> ExitCode
+where
+    A: Args + FromArgMatches,
+    T: Transform + 'static,
+{
+    consumer_main(|a| Consumer::new(make(a)))
+}
+
+/// [`main_with`] for a [`Consumer`].
+fn consumer_main<A, T>(make: impl FnOnce(A) -> Consumer<T>) -> ExitCode
 where
     A: Args + FromArgMatches,
     T: Transform + 'static,
@@ -126,7 +168,7 @@ pub struct Invoke<A: Args> {
 
 /// Serves invocations inside Lambda with the transform `make` builds from `A`, both read
 /// from the environment; what [`main_with`] does there.
-pub fn lambda<A, T>(make: impl FnOnce(A) -> T) -> ExitCode
+pub fn lambda<A, T>(make: impl FnOnce(A) -> Consumer<T>) -> ExitCode
 where
     A: Args + FromArgMatches,
     T: Transform + 'static,
@@ -179,7 +221,7 @@ impl<T: Transform + 'static> WithProcessor<T> for Serve {
 struct Handle<'a>(&'a KinesisEvent, Option<Instant>);
 
 impl<T: Transform + 'static> WithProcessor<T> for Handle<'_> {
-    type Output = crate::batch::BatchOutcome;
+    type Output = Result<crate::batch::BatchOutcome, crate::window::WindowError>;
     async fn call<S: Sink + 'static>(self, processor: Processor<T, S>) -> Self::Output {
         processor.handle(self.0, self.1).await
     }
@@ -191,10 +233,11 @@ impl<T: Transform + 'static> WithProcessor<T> for Handle<'_> {
 ///
 /// When the sink cannot be made (no target, a limit out of range, not in this build).
 async fn with_sink<T: Transform + 'static, W: WithProcessor<T>>(
-    transform: T,
+    consumer: Consumer<T>,
     settings: Settings,
     with: W,
 ) -> Result<W::Output, String> {
+    let Consumer { transform, window } = consumer;
     // Each built-in sink, where this build has it.
     #[cfg_attr(not(feature = "aws"), allow(unused_macros))]
     macro_rules! with_built_in {
@@ -202,13 +245,15 @@ async fn with_sink<T: Transform + 'static, W: WithProcessor<T>>(
             // Refused before the SDK's configuration is loaded (which may probe the network).
             settings.sink.target()?;
             let sink = <$sink>::from_settings(&settings.sink).await?;
-            Ok(with
-                .call(Processor::with_sink(transform, sink, settings))
-                .await)
+            let processor = Processor::with_sink(transform, sink, settings);
+            Ok(with.call(processor.with_erased_window(window)).await)
         }};
     }
     match settings.sink.kind {
-        SinkKind::None => Ok(with.call(Processor::new(transform, settings)).await),
+        SinkKind::None => {
+            let processor = Processor::new(transform, settings).with_erased_window(window);
+            Ok(with.call(processor).await)
+        }
         #[cfg(feature = "sink-kinesis")]
         SinkKind::Kinesis => with_built_in!(crate::sink::kinesis::KinesisSink),
         #[cfg(feature = "sink-firehose")]
@@ -228,7 +273,7 @@ async fn with_sink<T: Transform + 'static, W: WithProcessor<T>>(
 }
 
 /// Runs the handler on the event `args` names, outside Lambda; what [`main_with`] does there.
-pub fn invoke<A, T>(args: Invoke<A>, make: impl FnOnce(A) -> T) -> ExitCode
+pub fn invoke<A, T>(args: Invoke<A>, make: impl FnOnce(A) -> Consumer<T>) -> ExitCode
 where
     A: Args,
     T: Transform + 'static,
@@ -244,7 +289,7 @@ where
             transform,
             args.settings,
             Handle(&event, deadline),
-        ))?;
+        ))??;
         let mut out = std::io::stdout().lock();
         writeln!(out, "{}", serde_json::to_string(&outcome.response())?)?;
         Ok(())

@@ -7,21 +7,21 @@ use std::sync::Arc;
 use std::task::{Context as TaskContext, Poll};
 use std::time::{Duration, Instant, SystemTime};
 
-use aws_lambda_events::event::streams::KinesisEventResponse;
 use lambda_runtime::{LambdaEvent, Service};
 
 use std::io::Write;
 
 use tracing::Instrument;
 
-use crate::batch::{self, BatchOutcome};
-use crate::event::{EventError, EventRecord, KinesisEvent};
+use crate::batch::{self, BatchOutcome, Response};
+use crate::event::{EventError, EventRecord, KinesisEvent, TumblingWindow};
 use crate::kpl::Verifier;
 use crate::metrics::{self, Dimensions};
 use crate::settings::Settings;
 use crate::settings::Switch;
 use crate::sink::{NoSink, Sink};
 use crate::transform::{Batch, Transform};
+use crate::window::{self, ErasedWindow, Step, Window, WindowError};
 
 /// A transform and the settings it runs with: the handler of a Kinesis Lambda function.
 ///
@@ -56,6 +56,8 @@ struct Inner<T, S> {
     transform: T,
     /// Where accepted user records go, if anywhere.
     sink: Option<S>,
+    /// What a tumbling-window event's state is, if the function keeps one.
+    window: Option<Arc<dyn ErasedWindow>>,
     settings: Settings,
     /// The metrics' `FunctionName` dimension.
     function_name: String,
@@ -91,10 +93,28 @@ impl<T: Transform, S: Sink> Processor<T, S> {
             inner: Arc::new(Inner {
                 transform,
                 sink,
+                window: None,
                 settings,
                 function_name,
             }),
         }
+    }
+
+    /// The processor with `window` keeping the state of tumbling-window events (see
+    /// [`crate::window`]). Without one, a window event is answered with an empty state.
+    ///
+    /// # Panics
+    ///
+    /// When the processor was cloned already: give it its window first.
+    pub fn with_window(self, window: impl Window + 'static) -> Self {
+        self.with_erased_window(Some(Arc::new(window)))
+    }
+
+    pub(crate) fn with_erased_window(mut self, window: Option<Arc<dyn ErasedWindow>>) -> Self {
+        Arc::get_mut(&mut self.inner)
+            .expect("with_window is called before the processor is cloned")
+            .window = window;
+        self
     }
 
     /// The settings in use.
@@ -116,12 +136,22 @@ impl<T: Transform, S: Sink> Processor<T, S> {
     ///   {"kinesis":{"sequenceNumber":"1","data":"e30="}},
     ///   {"kinesis":{"sequenceNumber":"2","data":"bm90IGpzb24="}}]}"#).unwrap();
     /// let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-    /// let outcome = rt.block_on(processor.handle(&event, None));
+    /// let outcome = rt.block_on(processor.handle(&event, None)).unwrap();
     /// assert_eq!(outcome.failure.unwrap().sequence_number, "2");
     /// assert_eq!(outcome.stats.succeeded, 1);
     /// ```
-    pub async fn handle(&self, event: &KinesisEvent, deadline: Option<Instant>) -> BatchOutcome {
-        self.handle_verified(event.records.clone(), Verifier::default(), deadline)
+    ///
+    /// # Errors
+    ///
+    /// Only for a tumbling-window event, when the invocation must fail as a whole (see
+    /// [`WindowError`]).
+    pub async fn handle(
+        &self,
+        event: &KinesisEvent,
+        deadline: Option<Instant>,
+    ) -> Result<BatchOutcome, WindowError> {
+        let window = event.window.as_ref();
+        self.handle_verified(event.records.clone(), window, Verifier::default(), deadline)
             .await
     }
 
@@ -130,12 +160,14 @@ impl<T: Transform, S: Sink> Processor<T, S> {
     async fn handle_verified(
         &self,
         records: Vec<EventRecord>,
+        window: Option<&TumblingWindow>,
         verifier: Verifier,
         deadline: Option<Instant>,
-    ) -> BatchOutcome {
+    ) -> Result<BatchOutcome, WindowError> {
         let Inner {
             transform,
             sink,
+            window: keeper,
             settings,
             function_name,
         } = &*self.inner;
@@ -144,16 +176,43 @@ impl<T: Transform, S: Sink> Processor<T, S> {
         let dims = dimensions(function_name, &batch.records);
         let span =
             tracing::info_span!("batch", shard_id = %dims.shard_id, stream = %dims.stream_name);
-        let outcome = batch::process_verified(
+        let keep = window.is_some() && keeper.is_some();
+        let (mut outcome, user_records) = batch::process_verified(
             &batch,
             verifier,
             transform,
             sink.as_ref(),
             settings,
             deadline,
+            keep,
         )
-        .instrument(span)
+        .instrument(span.clone())
         .await;
+        let namespace = (settings.metrics == Switch::On).then_some(&*settings.metrics_namespace);
+        match (window, keeper) {
+            (Some(window), Some(keeper)) => {
+                let step = Step {
+                    window,
+                    batch: &batch,
+                    user_records: &user_records,
+                    floor: outcome
+                        .failure
+                        .as_ref()
+                        .map_or(batch.records.len(), |f| f.index),
+                    max_state_bytes: settings.window_state_max_bytes,
+                    dims: &dims,
+                    namespace,
+                };
+                let result = keeper.run(step).instrument(span).await;
+                let (state, stats) = result.inspect_err(|e| tracing::error!("{e}"))?;
+                outcome.state = Some(state);
+                outcome.stats.window = Some(stats);
+                // `close` may have added some.
+                outcome.metrics = batch.metrics.snapshot();
+            }
+            (Some(_), None) => outcome.state = Some(window::empty_state()),
+            (None, _) => {}
+        }
         if settings.metrics == Switch::On {
             let doc = metrics::document(
                 &settings.metrics_namespace,
@@ -168,7 +227,7 @@ impl<T: Transform, S: Sink> Processor<T, S> {
                 tracing::warn!("could not write the metrics document: {e}");
             }
         }
-        outcome
+        Ok(outcome)
     }
 
     /// Handles one invocation body as Lambda sends it: reads the event (its data decoded in
@@ -197,7 +256,7 @@ impl<T: Transform, S: Sink> Processor<T, S> {
         &self,
         body: impl Into<bytes::BytesMut>,
         context: &lambda_runtime::Context,
-    ) -> Result<KinesisEventResponse, EventError> {
+    ) -> Result<Response, InvocationError> {
         // The aggregates' MD5s are checked on a second core while the rest of the body is
         // read, when there is one.
         let mut verifier = Verifier::default();
@@ -207,8 +266,31 @@ impl<T: Transform, S: Sink> Processor<T, S> {
                 verifier.push(data);
             }
         })?;
-        let outcome = self.handle_verified(event.records, verifier, deadline(context));
-        Ok(outcome.await.response())
+        let window = event.window.as_ref();
+        let outcome = self.handle_verified(event.records, window, verifier, deadline(context));
+        Ok(outcome.await?.response())
+    }
+}
+
+/// Why an invocation fails as a whole (Lambda retries the batch).
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum InvocationError {
+    /// The body is not a Kinesis event.
+    #[error(transparent)]
+    Event(#[from] EventError),
+    /// A tumbling-window event's state or result (see [`WindowError`]).
+    #[error(transparent)]
+    Window(#[from] WindowError),
+}
+
+impl InvocationError {
+    /// The `errorType` Lambda is told: `EventError` or `WindowError`.
+    pub fn error_type(&self) -> &'static str {
+        match self {
+            InvocationError::Event(_) => "EventError",
+            InvocationError::Window(_) => "WindowError",
+        }
     }
 }
 
@@ -271,10 +353,9 @@ fn deadline(context: &lambda_runtime::Context) -> Option<Instant> {
 impl<T: Transform + 'static, S: Sink + 'static> Service<LambdaEvent<KinesisEvent>>
     for Processor<T, S>
 {
-    type Response = KinesisEventResponse;
+    type Response = Response;
     type Error = lambda_runtime::Error;
-    type Future =
-        Pin<Box<dyn Future<Output = Result<KinesisEventResponse, lambda_runtime::Error>>>>;
+    type Future = Pin<Box<dyn Future<Output = Result<Response, lambda_runtime::Error>>>>;
 
     fn poll_ready(&mut self, _: &mut TaskContext<'_>) -> Poll<Result<(), Self::Error>> {
         Poll::Ready(Ok(()))
@@ -285,9 +366,10 @@ impl<T: Transform + 'static, S: Sink + 'static> Service<LambdaEvent<KinesisEvent
         Box::pin(async move {
             let deadline = deadline(&request.context);
             // The event is ours: its records go to the batch without a copy.
-            let records = request.payload.records;
-            let outcome = this.handle_verified(records, Verifier::default(), deadline);
-            Ok(outcome.await.response())
+            let KinesisEvent { records, window } = request.payload;
+            let outcome =
+                this.handle_verified(records, window.as_ref(), Verifier::default(), deadline);
+            Ok(outcome.await?.response())
         })
     }
 }

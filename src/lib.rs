@@ -51,8 +51,9 @@ pub mod settings;
 pub mod sink;
 pub mod testing;
 pub mod transform;
+pub mod window;
 
-pub use entry::{main, main_with};
+pub use entry::{main, main_windowed, main_with};
 pub use lambda::Processor;
 pub use runtime_api::run;
 pub use settings::Settings;

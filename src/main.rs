@@ -12,11 +12,13 @@ use base64::engine::general_purpose::STANDARD;
 use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand};
 use kinesis_deagg::Settings;
 use kinesis_deagg::batch::{OnCorrupt, RecordOutcome, unpack};
+use kinesis_deagg::entry::Consumer;
 use kinesis_deagg::entry::{self, Invoke, read_event, read_input};
 use kinesis_deagg::event::KinesisEvent;
 use kinesis_deagg::kpl::{AggregatedRecord, Aggregator};
-use kinesis_deagg::settings::BuiltinSettings;
+use kinesis_deagg::settings::{BuiltinSettings, Switch};
 use kinesis_deagg::transform::{BuiltinTransform, decode_line};
+use kinesis_deagg::window::HotKeyReport;
 use serde_json::{Value, json};
 
 /// Deaggregates KPL records in Kinesis Lambda events and reports partial batch failures.
@@ -110,7 +112,13 @@ fn main() -> ExitCode {
         Ok(cli) => cli,
         Err(e) => return entry::flag_error(&e, &command),
     };
-    let builtin = |b: BuiltinSettings| BuiltinTransform::new(b.transform, b.log_max_bytes);
+    let builtin = |b: BuiltinSettings| {
+        let consumer = Consumer::new(BuiltinTransform::new(b.transform, b.log_max_bytes));
+        match b.window_report {
+            Switch::On => consumer.with_window(HotKeyReport::new(b.window_report_top)),
+            Switch::Off => consumer,
+        }
+    };
     let result = match cli.command {
         None if entry::in_lambda() => return entry::lambda(builtin),
         None => Err("not inside Lambda (AWS_LAMBDA_RUNTIME_API is not set); \

@@ -266,7 +266,7 @@ impl Api {
             .await;
         let (path, payload, error_type) = match outcome {
             Ok(Ok(response)) => ("response", serde_json::to_vec(&response)?, None),
-            Ok(Err(e)) => with_path(error_payload(&span, "EventError", &e.to_string())),
+            Ok(Err(e)) => with_path(error_payload(&span, e.error_type(), &e.to_string())),
             Err(panic) => with_path(error_payload(&span, "Panic", &panic_message(&*panic))),
         };
         match self

@@ -71,6 +71,12 @@ pub struct Settings {
     /// Where accepted user records are delivered.
     #[command(flatten)]
     pub sink: SinkSettings,
+
+    /// The largest tumbling-window state answered, in bytes of JSON (Lambda keeps at most
+    /// 1 MB per shard). A larger one closes that part of the window early instead.
+    #[arg(long, env = "DEAGG_WINDOW_STATE_MAX_BYTES", default_value_t = 1_000_000,
+          value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(2..=1_048_576))]
+    pub window_state_max_bytes: usize,
 }
 
 /// The settings of the built-in transforms (`kinesis-deagg`'s own binary): a consumer with
@@ -90,6 +96,22 @@ pub struct BuiltinSettings {
     /// Bytes of data shown per user record by the `log` transform.
     #[arg(long, env = "DEAGG_LOG_MAX_BYTES", default_value_t = 256)]
     pub log_max_bytes: usize,
+
+    /// For tumbling-window events: keep the hot-key report in the state and publish it when
+    /// the window closes.
+    #[arg(
+        long,
+        env = "DEAGG_WINDOW_REPORT",
+        value_enum,
+        ignore_case = true,
+        default_value = "on"
+    )]
+    pub window_report: Switch,
+
+    /// Partition keys the window report ranks (by bytes and by user records), 1 to 20.
+    #[arg(long, env = "DEAGG_WINDOW_REPORT_TOP", default_value_t = 10,
+          value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=20))]
+    pub window_report_top: usize,
 }
 
 /// No settings of its own: what [`crate::main`] reads for a consumer's transform.
@@ -236,6 +258,8 @@ impl Default for BuiltinSettings {
         BuiltinSettings {
             transform: Builtin::Log,
             log_max_bytes: 256,
+            window_report: Switch::On,
+            window_report_top: 10,
         }
     }
 }
@@ -285,6 +309,7 @@ impl Default for Settings {
             metrics: Switch::On,
             metrics_namespace: "KinesisDeagg".into(),
             sink: SinkSettings::default(),
+            window_state_max_bytes: 1_000_000,
         }
     }
 }

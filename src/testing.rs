@@ -124,4 +124,5 @@ pub fn handle_with<T: Transform>(
         .build()
         .expect("a tokio runtime")
         .block_on(processor.handle(event, None))
+        .expect("only a window's state or result fails an invocation, and there is no window")
 }

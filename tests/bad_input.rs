@@ -22,7 +22,7 @@ fn processor() -> Processor<BuiltinTransform> {
 /// What an event turns into: the invocation error, or the reported identifiers.
 async fn outcome(json: &[u8]) -> Result<Vec<String>, String> {
     let event = KinesisEvent::from_slice(json).map_err(|e| e.to_string())?;
-    let response = processor().handle(&event, None).await.response();
+    let response = processor().handle(&event, None).await.unwrap().response();
     Ok(response
         .batch_item_failures
         .into_iter()
@@ -115,7 +115,7 @@ async fn an_empty_batch_and_a_10000_record_batch() {
         .collect();
     let event = event_json(records).to_string();
     let parsed = KinesisEvent::from_slice(event.as_bytes()).unwrap();
-    let done = processor().handle(&parsed, None).await;
+    let done = processor().handle(&parsed, None).await.unwrap();
     assert!(done.failure.is_none());
     assert_eq!(done.stats.succeeded, 10_000);
 }
@@ -125,7 +125,7 @@ async fn a_10_mib_record_plain_and_aggregated() {
     let big = vec![b'x'; 10 << 20];
     let plain_event = event_json(vec![plain("1", "k", &big)]).to_string();
     let parsed = KinesisEvent::from_slice(plain_event.as_bytes()).unwrap();
-    let done = processor().handle(&parsed, None).await;
+    let done = processor().handle(&parsed, None).await.unwrap();
     assert!(done.failure.is_none());
     assert_eq!(done.stats.bytes, 10 << 20);
 
@@ -181,7 +181,7 @@ async fn every_truncation_of_an_event_is_an_error_or_a_valid_event() {
 /// path, which gives up on what it does not read itself) and serde alone (the lenient path).
 async fn outcomes(json: &str) -> [Result<Vec<String>, String>; 3] {
     let ids = |event: Result<KinesisEvent, String>| async move {
-        let response = processor().handle(&event?, None).await.response();
+        let response = processor().handle(&event?, None).await.unwrap().response();
         let ids = response.batch_item_failures.into_iter();
         Ok(ids.map(|f| f.item_identifier.unwrap()).collect())
     };

@@ -235,6 +235,7 @@ async fn deliver(
     Processor::with_sink(accept, sink, settings)
         .handle(event, deadline)
         .await
+        .unwrap()
 }
 
 /// The first source record with a user record missing at the destination.
@@ -525,7 +526,14 @@ async fn after_a_reshard_every_user_record_is_on_a_shard_a_kcl_consumer_keeps_it
     let sink = KinesisSink::new(client(server.port), &settings.sink).unwrap();
     let processor = Processor::with_sink(accept, sink, settings);
     let (first, _) = source(20, "before");
-    assert!(processor.handle(&first, None).await.failure.is_none());
+    assert!(
+        processor
+            .handle(&first, None)
+            .await
+            .unwrap()
+            .failure
+            .is_none()
+    );
     // Split shard 0 in the middle of its range: the sink's map is now stale.
     let shards = kinesis
         .list_shards()
@@ -549,7 +557,7 @@ async fn after_a_reshard_every_user_record_is_on_a_shard_a_kcl_consumer_keeps_it
         .unwrap();
     wait_active(&kinesis, "reshard").await;
     let (second, keys) = source(40, "after");
-    let outcome = processor.handle(&second, None).await;
+    let outcome = processor.handle(&second, None).await.unwrap();
     assert!(outcome.failure.is_none());
     // The aggregates built for the closed shard landed on its children and were put again.
     assert!(outcome.stats.sink.unwrap().retried_entries > 0);

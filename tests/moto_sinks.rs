@@ -75,6 +75,7 @@ async fn deliver<S: Sink + 'static>(
     Processor::with_sink(accept, sink, settings)
         .handle(event, None)
         .await
+        .unwrap()
 }
 
 /// Plain records and aggregates, text and binary: `(partition key, data)` in order.

@@ -28,7 +28,7 @@ async fn each_sample_event_gives_its_expected_response() {
     let processor = Processor::new(BuiltinTransform::new(Builtin::Json, 0), Settings::default());
     for (name, _) in EVENTS {
         let event = KinesisEvent::from_slice(&read(&format!("events/{name}.json"))).unwrap();
-        let response = processor.handle(&event, None).await.response();
+        let response = processor.handle(&event, None).await.unwrap().response();
         let expected: serde_json::Value =
             serde_json::from_slice(&read(&format!("events/expected/{name}.json"))).unwrap();
         assert_eq!(

@@ -199,6 +199,7 @@ async fn run_with<T: kinesis_deagg::transform::Transform>(
     Processor::with_sink(transform, sink, settings)
         .handle(event, deadline)
         .await
+        .unwrap()
 }
 
 fn reported(outcome: &BatchOutcome) -> Option<usize> {
@@ -532,7 +533,8 @@ async fn the_metrics_document_counts_what_the_sink_did() {
     // Without a sink, no sink metrics.
     let plain = Processor::new(accept, Settings::default())
         .handle(&event(2, 1), None)
-        .await;
+        .await
+        .unwrap();
     let doc = kinesis_deagg::metrics::document(
         "NS",
         &dims,

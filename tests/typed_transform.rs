@@ -84,7 +84,7 @@ async fn a_user_record_that_is_not_json_fails_its_kinesis_record_and_the_valid_o
         ),
         plain("300", "e", br#"{"id":5,"items":[]}"#),
     ]);
-    let outcome = processor(&seen).handle(&event, None).await;
+    let outcome = processor(&seen).handle(&event, None).await.unwrap();
 
     let failure = outcome
         .failure
@@ -149,7 +149,7 @@ async fn a_document_of_the_wrong_shape_is_named_by_the_field_serde_could_not_rea
         "7",
         &[("k", br#"{"id":"seven","items":[]}"#)],
     )]);
-    let outcome = processor(&seen).handle(&event, None).await;
+    let outcome = processor(&seen).handle(&event, None).await.unwrap();
     let failure = outcome.failure.unwrap();
     assert_eq!(failure.sequence_number, "7");
     let reason = failure.reason.to_string();

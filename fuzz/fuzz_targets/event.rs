@@ -26,7 +26,7 @@ fuzz_target!(|input: &[u8]| {
     };
     let processor = Processor::new(BuiltinTransform::new(Builtin::Json, 0), settings);
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-    let outcome = rt.block_on(processor.handle(&event, None));
+    let outcome = rt.block_on(processor.handle(&event, None)).unwrap();
     for item in outcome.response().batch_item_failures {
         assert!(item.item_identifier.is_some_and(|id| !id.is_empty()));
     }

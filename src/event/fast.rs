@@ -56,11 +56,16 @@ pub(super) type Records = (Vec<EventRecord>, Vec<Strings>);
 /// back. (Read first and decoded after, each text came from memory twice.) For the same
 /// reason `text` may cut off the front of `json` up to the end of the text: it says how many
 /// bytes it cut (0 to cut nothing), and every place after that is counted from the new front.
+///
+/// The tumbling-window fields beside `Records` (see [`super::WINDOW_FIELDS`]) come back as
+/// the text of a JSON object holding them alone, for serde to read: a state is small next
+/// to the records (Lambda caps it at 1 MB), and is copied once.
 pub(super) fn read<J: AsRef<[u8]> + ?Sized>(
     json: &mut J,
     mut text: impl FnMut(&mut J, usize, Range<usize>) -> usize,
-) -> Option<Records> {
+) -> Option<(Records, Vec<u8>)> {
     let mut records = None;
+    let mut extras = Vec::new();
     let mut scan = Scanner::new(json.as_ref(), 0);
     scan.eat(b'{')?;
     if scan.eat(b'}').is_none() {
@@ -68,7 +73,15 @@ pub(super) fn read<J: AsRef<[u8]> + ?Sized>(
             let key = scan.checked_string()?;
             scan.eat(b':')?;
             if key != b"Records" {
+                let start = scan.pos;
                 scan.skip(1)?;
+                if super::WINDOW_FIELDS.iter().any(|f| f.as_bytes() == key) {
+                    extras.push(if extras.is_empty() { b'{' } else { b',' });
+                    extras.push(b'"');
+                    extras.extend_from_slice(key);
+                    extras.extend_from_slice(b"\":");
+                    extras.extend_from_slice(&scan.json[start..scan.pos]);
+                }
             } else if records.is_some() {
                 return None; // serde: duplicate field
             } else {
@@ -86,7 +99,10 @@ pub(super) fn read<J: AsRef<[u8]> + ?Sized>(
     if scan.pos != scan.json.len() {
         return None; // trailing characters
     }
-    records
+    if !extras.is_empty() {
+        extras.push(b'}');
+    }
+    Some((records?, extras))
 }
 
 /// The `Records` array at `pos`, read as the serde path reads it, and where it ends (from the
@@ -628,16 +644,53 @@ mod tests {
             field("ApproximateArrivalTimestamp", typical(&["1764000000"])),
         ]);
         let record = prop_oneof![6 => lambda, 2 => get_records, 1 => value()];
-        (prop::collection::vec(record, 0..5), ws(), any::<bool>()).prop_map(
-            |(records, w, other)| {
-                let other = if other {
-                    r#""other":[1,{"x":null}],"#
-                } else {
-                    ""
-                };
-                format!("{w}{{{other}\"Records\":[{w}{}]}}{w}", records.join(","))
-            },
-        )
+        // A tumbling window's fields, odd ones and repeated ones among them.
+        let window = object(vec![
+            field(
+                "window",
+                typical(&[
+                    r#"{"start":"2020-12-09T07:04:00Z","end":"2020-12-09T07:06:00Z"}"#,
+                    r#"{"start":"2020-12-09T07:04:00Z"}"#,
+                    "null",
+                ]),
+            ),
+            field(
+                "state",
+                typical(&["{}", r#"{"1":282,"k":{"a":[1.5,null]}}"#, "null", "[1]"]),
+            ),
+            field("shardId", typical(&[r#""shardId-000000000006""#, "5"])),
+            field(
+                "eventSourceARN",
+                typical(&[r#""arn:aws:kinesis:us-east-1:1:stream/s""#]),
+            ),
+            field(
+                "isFinalInvokeForWindow",
+                typical(&["true", "false", "null"]),
+            ),
+            field("isWindowTerminatedEarly", typical(&["false", "true"])),
+        ]);
+        let top = (
+            prop::collection::vec(record, 0..5),
+            ws(),
+            any::<bool>(),
+            window,
+        );
+        top.prop_map(|(records, w, other, window)| {
+            let other = if other {
+                r#""other":[1,{"x":null}],"#
+            } else {
+                ""
+            };
+            let window = window[1..window.len() - 1].trim();
+            let window = match window {
+                "" => String::new(),
+                fields => format!("{fields},"),
+            };
+            format!(
+                "{w}{{{other}{window}\"Records\":[{w}{}]}}{w}",
+                records.join(",")
+            )
+        })
     }
 
     /// A typical Lambda record, with `data` of `n` bytes.
@@ -692,10 +745,23 @@ mod tests {
         }
     }
 
+    #[test]
+    fn the_window_fields_are_kept_and_nothing_else() {
+        let json = br#"{"Records":[],"window":{"start":"a","end":"b"},"state":{"n":[1]},"other":5,"isFinalInvokeForWindow":true}"#;
+        let (_, extras) = read(&mut &json[..], |_, _, _| 0).unwrap();
+        assert_eq!(
+            std::str::from_utf8(&extras).unwrap(),
+            r#"{"window":{"start":"a","end":"b"},"state":{"n":[1]},"isFinalInvokeForWindow":true}"#
+        );
+        let event = KinesisEvent::from_slice(json).unwrap();
+        assert!(event.window.as_ref().unwrap().is_final_invoke_for_window);
+        assert_eq!(Some(event), serde_json::from_slice(json).ok());
+    }
+
     /// The fast path on an event alone: its records, and how many `data` texts it found.
     fn read_alone(json: &[u8]) -> Option<(Vec<EventRecord>, usize)> {
         let mut texts = 0;
-        let (records, _) = read(&mut &json[..], |_, _, _| {
+        let ((records, _), _) = read(&mut &json[..], |_, _, _| {
             texts += 1;
             0
         })?;

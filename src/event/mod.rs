@@ -33,6 +33,10 @@ mod salvage;
 // Allowed `unsafe`: SIMD intrinsics, see its docs.
 #[allow(unsafe_code)]
 mod vbmi;
+mod window;
+
+pub use window::TumblingWindow;
+use window::{WINDOW_FIELDS, WindowFields};
 
 /// A Lambda Kinesis event (or `get-records` output), one [`EventRecord`] per Kinesis record.
 ///
@@ -48,6 +52,8 @@ mod vbmi;
 pub struct KinesisEvent {
     /// The records, in the order Lambda gave them (sequence order within the shard).
     pub records: Vec<EventRecord>,
+    /// The window of a tumbling-window event; `None` for a plain event.
+    pub window: Option<TumblingWindow>,
 }
 
 /// One Kinesis record of the event, with what Lambda tells about it.
@@ -112,15 +118,16 @@ impl KinesisEvent {
             texts.push((i, at));
             0
         });
-        if let Some((mut records, strings)) = found {
+        if let Some(((mut records, strings), extras)) = found {
             let texts = texts.into_iter().map(|(i, at)| (i, &json[at]));
             decode::into_one_buffer(&mut records, texts);
-            if fast::refused_texts_are_json(&records) {
+            if let (true, Some(window)) = (fast::refused_texts_are_json(&records), window(&extras))
+            {
                 for (record, [seq, pk]) in records.iter_mut().zip(strings) {
                     record.sequence_number = copy_str(&json[seq]);
                     record.partition_key = copy_str(&json[pk]);
                 }
-                return Ok(KinesisEvent { records });
+                return Ok(KinesisEvent { records, window });
             }
         }
         Ok(serde_json::from_slice(json)?)
@@ -183,13 +190,14 @@ impl KinesisEvent {
             }
         });
         let mut json = match read {
-            Some((mut records, strings)) => {
+            Some(((mut records, strings), extras)) => {
                 let body = body.freeze();
                 let refused = texts.iter().filter(|(_, _, span)| span.is_none());
                 let refused = refused.map(|(i, at, _)| (*i, body.slice(at.clone())));
                 let refused: Vec<_> = refused.collect();
                 decode::into_one_buffer(&mut records, refused.iter().map(|(i, t)| (*i, &t[..])));
-                if fast::refused_texts_are_json(&records) {
+                let window = window(&extras);
+                if let (true, Some(window)) = (fast::refused_texts_are_json(&records), window) {
                     for (i, _, span) in texts {
                         if let Some(span) = span {
                             records[i].data = Ok(body.slice(span));
@@ -199,7 +207,7 @@ impl KinesisEvent {
                         record.sequence_number = body_str(&body, seq);
                         record.partition_key = body_str(&body, pk);
                     }
-                    return Ok(KinesisEvent { records });
+                    return Ok(KinesisEvent { records, window });
                 }
                 body.whole()
             }
@@ -214,6 +222,16 @@ impl KinesisEvent {
         }
         Ok(serde_json::from_slice(&json)?)
     }
+}
+
+/// The window of the fields the fast path kept (see [`fast::read`]); `None` when they do
+/// not read, so that serde reads the whole event and says why.
+fn window(extras: &[u8]) -> Option<Option<TumblingWindow>> {
+    if extras.is_empty() {
+        return Some(None);
+    }
+    let fields: WindowFields = serde_json::from_slice(extras).ok()?;
+    Some(fields.into_window())
 }
 
 /// A record's data this long or longer is handed over early by
@@ -295,13 +313,20 @@ impl Pieces {
 
 impl<'de> Deserialize<'de> for KinesisEvent {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        // `flatten` buffers the fields it takes (the window's, and unknown ones), never
+        // `Records`.
         #[derive(Deserialize)]
         struct Envelope {
             #[serde(rename = "Records")]
             records: Records,
+            #[serde(flatten)]
+            window: WindowFields,
         }
-        let Envelope { records } = Envelope::deserialize(deserializer)?;
-        Ok(KinesisEvent { records: records.0 })
+        let Envelope { records, window } = Envelope::deserialize(deserializer)?;
+        Ok(KinesisEvent {
+            records: records.0,
+            window: window.into_window(),
+        })
     }
 }
 
