@@ -7,6 +7,8 @@ VENV        := .venv
 PY          := $(VENV)/bin/python
 BIN         := target/release/kinesis-deagg
 EVENT       ?= events/aggregated.json
+# The window of the sample window events.
+WINDOW      := --window-start 2025-11-24T16:00:00Z --window-end 2025-11-24T16:05:00Z --state events/src/window-state.json
 TRANSFORM   ?= log
 FUZZ_SECONDS ?= 600
 # 0 leaves the aarch64 lint and tests (clippy-arm64, test-arm64) out of `make test` (when rustup,
@@ -158,6 +160,8 @@ events: ## Rebuild the sample events in events/ from events/src/ (deterministic)
 	$(BIN) aggregate events/src/corrupt-aggregate.ndjson > events/corrupt-aggregate.json
 	$(BIN) aggregate events/src/invalid-base64.ndjson > events/invalid-base64.json
 	$(BIN) aggregate events/src/json-failure.ndjson > events/json-failure.json
+	$(BIN) aggregate --per-aggregate 4 $(WINDOW) events/src/window.ndjson > events/window.json
+	$(BIN) aggregate --final $(WINDOW) events/src/window-final.ndjson > events/window-final.json
 
 events-max: ## Generate events/generated/max.json: a 6 MB event (just under 6 MiB, the Lambda payload limit) of 1 MiB aggregates (not committed).
 	cargo build --release --quiet

@@ -99,6 +99,19 @@ struct AggregateArgs {
     /// Arrival time of the first record, in seconds since the epoch (later ones add 1 ms).
     #[arg(long, default_value_t = 1_764_000_000.0)]
     arrival: f64,
+    /// Make a tumbling-window event: the window's start (ISO 8601, e.g.
+    /// `2025-11-24T16:00:00Z`); needs `--window-end`.
+    #[arg(long, requires = "window_end", conflicts_with = "put_records")]
+    window_start: Option<String>,
+    /// The window's end.
+    #[arg(long, requires = "window_start")]
+    window_end: Option<String>,
+    /// The window event's `state`: a file holding a JSON object (by default `{}`).
+    #[arg(long, requires = "window_start")]
+    state: Option<PathBuf>,
+    /// Mark the window event as the window's final invocation (`isFinalInvokeForWindow`).
+    #[arg(long = "final", requires = "window_start")]
+    final_invoke: bool,
 }
 
 fn main() -> ExitCode {
@@ -267,7 +280,31 @@ fn aggregate(args: AggregateArgs) -> Result<ExitCode, Error> {
             })
         })
         .collect();
-    serde_json::to_writer_pretty(&mut stdout, &json!({ "Records": records }))?;
+    let mut event = json!({ "Records": records });
+    if let (Some(start), Some(end)) = (args.window_start, args.window_end) {
+        let state: Value = match &args.state {
+            Some(path) => {
+                let text = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
+                serde_json::from_slice(&text).map_err(|e| format!("{}: {e}", path.display()))?
+            }
+            None => json!({}),
+        };
+        if !state.is_object() {
+            return Err("--state: the file must hold a JSON object".into());
+        }
+        let fields = json!({
+            "window": {"start": start, "end": end},
+            "state": state,
+            "shardId": args.shard_id,
+            "eventSourceARN": args.stream_arn,
+            "isFinalInvokeForWindow": args.final_invoke,
+            "isWindowTerminatedEarly": false,
+        });
+        if let (Value::Object(e), Value::Object(f)) = (&mut event, fields) {
+            e.extend(f);
+        }
+    }
+    serde_json::to_writer_pretty(&mut stdout, &event)?;
     writeln!(stdout)?;
     Ok(ExitCode::SUCCESS)
 }

@@ -127,6 +127,13 @@ fn batch_metrics(
             ),
         ]);
     }
+    if let Some(window) = &stats.window {
+        metrics.extend([
+            ("WindowStateBytes", "Bytes", window.state_bytes as f64),
+            ("WindowsClosed", "Count", window.closed as f64),
+            ("WindowStateCutBySize", "Count", window.cut_by_size as f64),
+        ]);
+    }
     metrics
 }
 
