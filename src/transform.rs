@@ -106,8 +106,14 @@ impl RecordContext {
     /// The same context for user record `n` of the aggregate. (`u64::MAX`, which no
     /// aggregate reaches, reads back as none.)
     pub fn with_sub_sequence_number(mut self, n: u64) -> Self {
-        self.sub_sequence_number = NonZeroU64::new(n.wrapping_add(1));
+        self.set_sub_sequence_number(Some(n));
         self
+    }
+
+    /// Makes this the context of another user record of the same Kinesis record (no
+    /// reference count taken, as a new context would).
+    pub(crate) fn set_sub_sequence_number(&mut self, n: Option<u64>) {
+        self.sub_sequence_number = n.and_then(|n| NonZeroU64::new(n.wrapping_add(1)));
     }
 
     /// Sequence number of the Kinesis record holding the user record: what Lambda is told

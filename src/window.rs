@@ -66,7 +66,8 @@ pub use report::{HotKeyReport, KeyCount, ReportState};
 /// ```
 pub trait Window {
     /// What is carried from one invocation of a window to the next. It must serialize as a
-    /// JSON object (Lambda's `state`); a window's first invocation starts from `Default`.
+    /// JSON object (Lambda's `state`); a window's first invocation (state `{}` or none)
+    /// starts from `Default`.
     type State: Serialize + DeserializeOwned + Default;
 
     /// Counts one user record in the state. Called after the batch, in batch order, for the
@@ -216,13 +217,16 @@ impl<W: Window> ErasedWindow for W {
 }
 
 async fn run<W: Window>(window: &W, step: Step<'_>) -> Result<(State, WindowStats), WindowError> {
+    // A window's first invocation brings `{}` (or nothing).
     let mut state: W::State = match &step.window.state {
         serde_json::Value::Null => W::State::default(),
+        serde_json::Value::Object(fields) if fields.is_empty() => W::State::default(),
         value => W::State::deserialize(value).map_err(|e| WindowError::State(e.to_string()))?,
     };
     for (index, users) in step.user_records[..step.floor].iter().enumerate() {
+        let mut context = RecordContext::of(step.batch, index, None);
         for user in users.clone() {
-            let context = RecordContext::of(step.batch, index, user.sub_sequence_number());
+            context.set_sub_sequence_number(user.sub_sequence_number());
             window.update(&mut state, &user, &context);
         }
     }

@@ -103,7 +103,8 @@ async fn run_window<T: kinesis_deagg::transform::Transform>(
     let all = records();
     let count = Count::default();
     let processor = processor(transform, &count, mode, max_state_bytes);
-    let (mut state, mut at, mut invocations) = (serde_json::Value::Null, 0, 0);
+    // Lambda's first state of a window.
+    let (mut state, mut at, mut invocations) = (serde_json::json!({}), 0, 0);
     while at < all.records.len() {
         let end = (at + batch).min(all.records.len());
         let event = KinesisEvent {

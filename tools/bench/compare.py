@@ -233,6 +233,19 @@ def print_sink(paths):
                   f"Kinesis sink {r['sink_ms']:>7.2f} ms ({r['requests']} requests), {r['ratio']:.2f}x")
 
 
+def print_windows(paths):
+    """benches/windows.rs: W1 and W2 as window events through the hot-key report, against discard."""
+    out = sh(["cargo", "bench", "--quiet", "--bench", "windows", "--", paths["W1"], paths["W2"]], cwd=ROOT)
+    print("tumbling-window events with the built-in hot-key report, against the plain events under discard; "
+          "two cores, the median of 30 interleaved runs:")
+    for line in out.splitlines():
+        if line.startswith("{"):
+            r = json.loads(line)
+            name = os.path.basename(r["file"]).removesuffix(".json")
+            print(f"  {name:3}: discard {r['discard_ms']:>6.2f} ms, window report {r['report_ms']:>6.2f} ms "
+                  f"(state {r['state_bytes']} bytes), {r['ratio']:.2f}x")
+
+
 def main():
     subprocess.run(["cargo", "build", "--release", "--quiet"], cwd=ROOT, check=True)
     paths = generate()
@@ -294,6 +307,7 @@ def main():
     print_worst_cases()
     print_concurrency()
     print_sink(paths)
+    print_windows(paths)
     print()
     print(f"200 billion user records a month like W1's, x86_64, 1,769 MB, ${PRICE_GB_S}/GB-s + $0.20 per million requests:")
     users = ours["W1"]["user_records"]
