@@ -299,7 +299,7 @@ impl<O: Into<Output>> From<Option<O>> for Output {
 ///   {"kinesis":{"sequenceNumber":"1","data":"eyJpZCI6MSwidG90YWxfY2VudHMiOjI1MH0="}},
 ///   {"kinesis":{"sequenceNumber":"2","data":"eyJpZCI6InR3byJ9"}}]}"#).unwrap();
 /// let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-/// let outcome = rt.block_on(processor.handle(&event, None));
+/// let outcome = rt.block_on(processor.handle(&event, None)).unwrap();
 /// let failure = outcome.failure.unwrap();
 /// assert_eq!(failure.sequence_number, "2");
 /// assert!(failure.reason.to_string().contains("user record 2 is not a valid Order: invalid type"));
