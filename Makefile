@@ -177,9 +177,9 @@ bench-kpl: ## Criterion benchmarks of deaggregation and the handler (benches/dea
 
 CARGO_FUZZ_VERSION := 0.13.1
 CARGO_MUTANTS_VERSION := 27.1.0
-# What `make mutants` mutates (the window module joins once it exists), and extra
+# What `make mutants` mutates, and extra
 # cargo-mutants options, e.g. MUTANTS_ARGS="--file src/metrics.rs" or "--in-diff my.diff".
-MUTANTS_FILES ?= src/kpl/ src/event/ src/batch.rs src/transform.rs src/metrics.rs src/sink/
+MUTANTS_FILES ?= src/kpl/ src/event/ src/batch.rs src/transform.rs src/metrics.rs src/sink/ src/window.rs src/window/
 MUTANTS_ARGS ?=
 # The tests each mutant is tried against: the unit tests and every integration test but
 # `memory` (its limits hold for release builds only); cross_compat needs `make deps`. The
