@@ -29,14 +29,15 @@ pub const MAX_TOP: usize = 20;
 /// Counters kept per ranked key.
 const COUNTERS_PER_KEY: usize = 10;
 
-/// The built-in window report (`DEAGG_WINDOW_REPORT`): see the [module docs](self).
+/// The built-in window report (`DEAGG_WINDOW_REPORT`): per window and shard, user records
+/// and bytes per partition key, and the heaviest keys; `docs/windows.md` documents its state.
 #[derive(Clone, Debug)]
 pub struct HotKeyReport {
     top: usize,
 }
 
 impl HotKeyReport {
-    /// A report ranking the `top` heaviest keys (clamped to 1..=[`MAX_TOP`]).
+    /// A report ranking the `top` heaviest keys (clamped to 1 to 20).
     pub fn new(top: usize) -> Self {
         HotKeyReport {
             top: top.clamp(1, MAX_TOP),
