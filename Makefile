@@ -38,7 +38,8 @@ ARM64_ENV      := CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_LINKER=aarch64-linux-gn
 # takes minutes to cross-build); cross_compat (the official aggregators' bytes, the same on
 # every target) is left out. The bootstrap cargo-lambda builds, sink included, is run too.
 ARM64_TESTS    := partial_failures kpl_properties real_kpl_output bad_input allocations memory \
-                  runtime_api cli sample_events metrics logs typed_transform concurrent_progress sink
+                  runtime_api cli sample_events metrics logs typed_transform concurrent_progress sink \
+                  windows
 
 .PHONY: arm64-tools
 arm64-tools: ## Install what test-arm64 needs, if missing: the rustup target, qemu-user and the cross gcc (apt).
