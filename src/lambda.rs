@@ -173,7 +173,20 @@ impl<T: Transform, S: Sink> Processor<T, S> {
         } = &*self.inner;
         let (invoked_at, started) = (SystemTime::now(), Instant::now());
         let batch = Batch::new(records);
-        let dims = dimensions(function_name, &batch.records);
+        let mut dims = dimensions(function_name, &batch.records);
+        // A window's final invocation often has no record: the window names its shard.
+        if let (Some(w), true) = (window, batch.records.is_empty()) {
+            if let Some(shard) = &w.shard_id {
+                dims.shard_id = shard.clone();
+            }
+            if let Some((_, name)) = w
+                .event_source_arn
+                .as_deref()
+                .and_then(|a| a.split_once(":stream/"))
+            {
+                dims.stream_name = name.into();
+            }
+        }
         let span =
             tracing::info_span!("batch", shard_id = %dims.shard_id, stream = %dims.stream_name);
         let keep = window.is_some() && keeper.is_some();

@@ -457,3 +457,27 @@ async fn a_custom_counter_is_left_out_only_when_its_name_is_taken_empty_too_long
     assert_eq!(doc["Bytes"], 1.0, "the built-in wins");
     assert!(doc["_aws"].is_object());
 }
+
+#[test]
+fn a_final_window_invocation_without_records_is_counted_under_the_windows_shard() {
+    let event = serde_json::json!({
+        "Records": [],
+        "window": {"start": "2026-12-04T06:00:00Z", "end": "2026-12-04T06:05:00Z"},
+        "state": {"userRecords": 3, "bytes": 12},
+        "shardId": "shardId-000000000007",
+        "eventSourceARN": "arn:aws:kinesis:eu-west-1:123456789012:stream/orders",
+        "isFinalInvokeForWindow": true,
+        "isWindowTerminatedEarly": false
+    })
+    .to_string();
+    let (lines, _) = invoke(&event, &[("RUST_LOG", "off")], &[]);
+    let docs = emf_documents(&lines);
+    // The batch's document, then the report's totals (with no key, no per-rank document).
+    assert_eq!(docs.len(), 2, "{lines:?}");
+    for doc in docs {
+        assert_valid_emf(doc);
+        assert_eq!(doc["ShardId"], "shardId-000000000007");
+        assert_eq!(doc["StreamName"], "orders");
+    }
+    assert!(lines.last().unwrap()["state"].is_object());
+}
