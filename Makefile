@@ -143,7 +143,7 @@ deploy: lambda-tools deps ## sam build (with cargo-lambda), then sam deploy --gu
 	$(VENV)/bin/sam build --beta-features
 	$(VENV)/bin/sam deploy --guided
 
-e2e: deps ## End to end: kinesalite, a model of Lambda's event source mapping, faults, kills; and through the Kinesis sink (6,000 user records).
+e2e: deps ## End to end: kinesalite, a model of Lambda's event source mapping (plain, then with tumbling windows), faults, kills; and through the Kinesis sink (6,000 user records).
 	cargo build --release --quiet --bin kinesis-deagg --example e2e_faults
 	$(PY) tests/e2e/e2e.py
 	$(PY) tests/e2e/e2e_sink.py 6000

@@ -9,8 +9,11 @@
 //! `"poison":true` fails every time. Which records misbehave is decided by a hash of their
 //! idempotency key, so runs are repeatable; attempts are counted in memory, so a killed
 //! process forgets them (and its records may fail again, as after a real cold start).
+//!
+//! With `E2E_WINDOW_LOG` set, a tumbling window counts how often each user record (by the
+//! `"i"` in its data) is in the state, and appends the counts to that file when it closes.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
 use std::io::Write;
 use std::sync::{Mutex, OnceLock};
@@ -18,6 +21,7 @@ use std::time::Duration;
 
 use kinesis_deagg::kpl::UserRecord;
 use kinesis_deagg::transform::{Error, RecordContext};
+use kinesis_deagg::window::{Window, WindowEnd};
 use kinesis_deagg::{Processor, Settings};
 
 /// A numeric setting from the environment, 0 when absent.
@@ -71,28 +75,63 @@ async fn faulty(record: UserRecord, ctx: RecordContext) -> Result<(), Error> {
         tokio::time::sleep(Duration::from_millis(per_mille("E2E_SLEEP_MS"))).await;
     }
     static LOG: OnceLock<Mutex<File>> = OnceLock::new();
-    let log = LOG.get_or_init(|| {
-        let path = std::env::var("E2E_LOG").expect("E2E_LOG names the success log");
+    let line = serde_json::json!({
+        "shard": ctx.shard_id(), "seq": ctx.sequence_number(),
+        "sub": ctx.sub_sequence_number(), "data": text,
+    });
+    append(&LOG, "E2E_LOG", &line)
+}
+
+/// Appends a JSON line to the file named by `var`: one write per line, on a file opened for
+/// appending, so lines stay whole.
+fn append(file: &OnceLock<Mutex<File>>, var: &str, line: &serde_json::Value) -> Result<(), Error> {
+    let file = file.get_or_init(|| {
+        let path = std::env::var(var).unwrap_or_else(|_| panic!("{var} names a log file"));
         Mutex::new(
             File::options()
                 .create(true)
                 .append(true)
                 .open(path)
-                .expect("open E2E_LOG"),
+                .unwrap_or_else(|e| panic!("open {var}: {e}")),
         )
     });
-    let line = serde_json::json!({
-        "shard": ctx.shard_id(), "seq": ctx.sequence_number(),
-        "sub": ctx.sub_sequence_number(), "data": text,
-    });
-    // One write per line, on a file opened for appending: lines stay whole.
-    log.lock()
+    file.lock()
         .unwrap_or_else(|p| p.into_inner())
         .write_all(format!("{line}\n").as_bytes())?;
     Ok(())
 }
 
+/// Counts each user record's `"i"` in the window's state.
+struct Seen;
+
+impl Window for Seen {
+    type State = BTreeMap<String, u64>;
+
+    fn update(&self, state: &mut Self::State, record: &UserRecord, _: &RecordContext) {
+        let i = serde_json::from_slice::<serde_json::Value>(record.data())
+            .ok()
+            .and_then(|v| v["i"].as_u64());
+        *state
+            .entry(i.map_or_else(|| "not an e2e record".into(), |i| i.to_string()))
+            .or_default() += 1;
+    }
+
+    async fn close(&self, state: Self::State, end: &WindowEnd) -> Result<(), Error> {
+        static LOG: OnceLock<Mutex<File>> = OnceLock::new();
+        let line = serde_json::json!({
+            "shard": end.shard_id(), "start": end.start(), "end": end.end(),
+            "terminatedEarly": end.terminated_early(), "cutBySize": end.cut_by_size(),
+            "counts": state,
+        });
+        append(&LOG, "E2E_WINDOW_LOG", &line)
+    }
+}
+
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> Result<(), Error> {
-    kinesis_deagg::run(Processor::new(faulty, Settings::from_env()?)).await
+    let processor = Processor::new(faulty, Settings::from_env()?);
+    if std::env::var_os("E2E_WINDOW_LOG").is_some() {
+        return kinesis_deagg::run(processor.with_window(Seen)).await;
+    }
+    kinesis_deagg::run(processor).await
 }

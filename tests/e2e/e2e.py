@@ -17,12 +17,21 @@ start and end sequence numbers of the batch) and move past the batch.
 
 Asserted: every user record is processed successfully at least once, unless it lies in a
 batch named by an on-failure record (nothing is lost silently); every poison record lies in
-one; within a shard, first successful processings follow sequence order. The last line is a
-summary with the duplicate deliveries.
+one; within a shard, first successful processings follow sequence order. A summary line gives the
+duplicate deliveries.
+
+Then the same stream is consumed again with tumbling windows (`consume_windows`), in the
+concurrent mode (first successes in order within each partition key), with the same faults:
+the state is carried from invocation to invocation, each window ends with a final invocation
+(with or without records), and a window in the function counts each user record. Asserted
+besides: each window's result counts every user record of the window exactly once, except
+those in on-failure batches, which it never counts; a retried final invocation emits the same
+result again; no response lacks the state.
 
     .venv/bin/python tests/e2e/e2e.py   (make e2e; needs `cargo build --release --example e2e_faults`)
 """
 import base64
+import calendar
 import json
 import os
 import random
@@ -57,6 +66,9 @@ BISECT = True
 TIMEOUT_MS = 2000
 KILL_AT = {5, 23, 41}  # invocation numbers at which the process is killed mid-batch
 AGGREGATE_SIZE = 8 * 1024
+WINDOW_RECORDS = 120  # Kinesis records per tumbling window (about 350 per shard)
+WINDOW_SECONDS = 60
+WINDOW_EPOCH = calendar.timegm((2026, 12, 4, 6, 0, 0))
 
 
 class RuntimeApi:
@@ -142,8 +154,9 @@ class RuntimeApi:
 class Function:
     """The e2e_faults binary as Lambda runs it: restarted after a kill or a timeout."""
 
-    def __init__(self, api, success_log):
+    def __init__(self, api, success_log, extra_env=None):
         self.api, self.success_log, self.proc, self.starts = api, success_log, None, 0
+        self.extra_env = extra_env or {}
         self.start()
 
     def start(self):
@@ -155,9 +168,10 @@ class Function:
             "DEAGG_DEADLINE_MARGIN_MS": "300", "DEAGG_METRICS": "off",
             "E2E_LOG": self.success_log, "E2E_FAIL_PER_MILLE": "15", "E2E_PANIC_PER_MILLE": "3",
             "E2E_SLEEP_PER_MILLE": "2", "E2E_SLEEP_MS": "3000", "E2E_WORK_US": "200",
-        })
+        }, **self.extra_env)
         self.starts += 1
-        err = open(os.path.join(WORK, f"function-{self.starts}.log"), "w")
+        name = "function-window" if self.extra_env else "function"
+        err = open(os.path.join(WORK, f"{name}-{self.starts}.log"), "w")
         self.proc = subprocess.Popen([FUNCTION], env=env, stdout=subprocess.DEVNULL, stderr=err)
 
     def restart(self):
@@ -248,7 +262,40 @@ def event_of(shard, records):
 
 
 class Stats:
-    invocations = kills = timeouts = errors = partial = 0
+    invocations = kills = timeouts = errors = partial = no_state = 0
+
+
+def invoke(api, function, stats, event):
+    """One invocation, killed mid-batch at the KILL_AT invocations, restarted after a timeout."""
+    stats.invocations += 1
+    kill = None
+    if stats.invocations in KILL_AT:
+        def kill():
+            # Once the function has taken the event, let it work a little, then kill it.
+            while api.pending is not None:
+                time.sleep(0.001)
+            time.sleep(random.uniform(0.005, 0.03))
+            stats.kills += 1
+            function.restart()
+    kind, payload = api.invoke(json.dumps(event).encode(), TIMEOUT_MS, kill)
+    if os.environ.get("E2E_DEBUG"):
+        print(event.get("window"), len(event["Records"]), kind, str(payload)[-90:], file=sys.stderr)
+    if kind == "timeout":
+        stats.timeouts += 1
+        function.restart()
+    elif kind == "error":
+        stats.errors += 1
+    return kind, payload
+
+
+def reported(payload, seqs):
+    """The sequence number to read again from after a response: None when all succeeded,
+    "all" when the response fails the whole batch (an empty, null or unknown identifier)."""
+    failures = payload.get("batchItemFailures") or []
+    ids = [f.get("itemIdentifier") for f in failures]
+    if not failures:
+        return None
+    return min(ids, key=int) if all(i in seqs for i in ids) else "all"
 
 
 def consume(client, api, function, shard, on_failure, stats):
@@ -267,64 +314,187 @@ def consume(client, api, function, shard, on_failure, stats):
                                "batchSize": len(batch)})
             position, limit = ("AFTER_SEQUENCE_NUMBER", last), BATCH_SIZE
             continue
-        stats.invocations += 1
-        kill = None
-        if stats.invocations in KILL_AT:
-            def kill():
-                # Once the function has taken the event, let it work a little, then kill it.
-                while api.pending is not None:
-                    time.sleep(0.001)
-                time.sleep(random.uniform(0.005, 0.03))
-                stats.kills += 1
-                function.restart()
-        kind, payload = api.invoke(json.dumps({"Records": batch}).encode(), TIMEOUT_MS, kill)
-        if os.environ.get("E2E_DEBUG"):
-            print(shard[-3:], first[-6:], len(batch), kind, str(payload)[-90:], file=sys.stderr)
-        if kind == "timeout":
-            stats.timeouts += 1
-            function.restart()
-        if kind == "response" and isinstance(payload, dict):
-            failures = payload.get("batchItemFailures") or []
-            ids = [f.get("itemIdentifier") for f in failures]
-            if not failures:
-                position, limit = ("AFTER_SEQUENCE_NUMBER", last), BATCH_SIZE
-                continue
-            if all(i in seqs for i in ids):
-                stats.partial += 1
-                lowest = min(ids, key=int)
-                tries[lowest] = tries.get(lowest, 0) + 1 if lowest == first else 1
-                position, limit = ("AT_SEQUENCE_NUMBER", lowest), BATCH_SIZE
-                continue
-            # An empty, null or unknown identifier fails the whole batch.
-        elif kind == "error":
-            stats.errors += 1
+        kind, payload = invoke(api, function, stats, {"Records": batch})
+        again = reported(payload, seqs) if kind == "response" and isinstance(payload, dict) else "all"
+        if again is None:
+            position, limit = ("AFTER_SEQUENCE_NUMBER", last), BATCH_SIZE
+            continue
+        if again != "all":
+            stats.partial += 1
+            tries[again] = tries.get(again, 0) + 1 if again == first else 1
+            position, limit = ("AT_SEQUENCE_NUMBER", again), BATCH_SIZE
+            continue
         tries[first] = tries.get(first, 0) + 1
         position = ("AT_SEQUENCE_NUMBER", first)
         limit = max(1, len(batch) // 2) if BISECT else BATCH_SIZE
 
 
+def window_bounds(k):
+    start = WINDOW_EPOCH + k * WINDOW_SECONDS
+    iso = lambda t: time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))
+    return iso(start), iso(start + WINDOW_SECONDS)
+
+
+def consume_windows(client, api, function, shard, order, on_failure, stats, discarded):
+    """The mapping with tumbling windows: each WINDOW_RECORDS Kinesis records of the shard are
+    one window (kinesalite stamps every record within a second or two, so the model cuts
+    windows by position, not by arrival time). A batch never crosses a window's end; the
+    state answered is passed to the next invocation of the window (a response without one
+    fails); a failed invocation is retried with the state it had. Even windows end with a
+    final invocation without records; in odd ones the batch that reaches the window's end is
+    the final invocation, so its failures fail the final invocation. The final invocation is
+    retried like any batch; after MAX_RETRIES its batch goes to on-failure and the window's
+    result is discarded."""
+    position = ("TRIM_HORIZON", None)
+    tries = {}
+    limit = BATCH_SIZE
+    for k in range(0, (len(order) + WINDOW_RECORDS - 1) // WINDOW_RECORDS):
+        end_seq = order[min(len(order), (k + 1) * WINDOW_RECORDS) - 1]
+        start, end = window_bounds(k)
+        state = {}
+        while True:
+            records = [r for r in read(client, shard, *position, limit=limit)
+                       if int(r["SequenceNumber"]) <= int(end_seq)]
+            batch = event_of(shard, records)
+            seqs = [r["kinesis"]["sequenceNumber"] for r in batch]
+            final = not batch or (k % 2 == 1 and seqs[-1] == end_seq)
+            first = seqs[0] if batch else ("final", k)
+            if tries.get(first, 0) > MAX_RETRIES:
+                if batch:
+                    on_failure.append({"shard": shard, "startSequenceNumber": first,
+                                       "endSequenceNumber": seqs[-1], "batchSize": len(batch)})
+                    position, limit = ("AFTER_SEQUENCE_NUMBER", seqs[-1]), BATCH_SIZE
+                if final:
+                    discarded.add((shard, start))
+                    break
+                continue
+            event = {"Records": batch, "window": {"start": start, "end": end}, "state": state,
+                     "shardId": shard, "eventSourceARN": f"arn:aws:kinesis:us-east-1:000000000000:stream/{STREAM}",
+                     "isFinalInvokeForWindow": final, "isWindowTerminatedEarly": False}
+            kind, payload = invoke(api, function, stats, event)
+            again = "all"
+            if kind == "response" and isinstance(payload, dict):
+                if isinstance(payload.get("state"), dict):
+                    again = reported(payload, seqs)
+                else:
+                    stats.no_state += 1
+            if again != "all":
+                state = payload["state"]
+            if again is None:
+                if batch:
+                    position, limit = ("AFTER_SEQUENCE_NUMBER", seqs[-1]), BATCH_SIZE
+                if final:
+                    break
+                continue
+            if again != "all":
+                stats.partial += 1
+                tries[again] = tries.get(again, 0) + 1 if again == first else 1
+                position, limit = ("AT_SEQUENCE_NUMBER", again), BATCH_SIZE
+                continue
+            tries[first] = tries.get(first, 0) + 1
+            if batch:
+                position = ("AT_SEQUENCE_NUMBER", first)
+                limit = max(1, len(batch) // 2) if BISECT else BATCH_SIZE
+
+
 def placements(client, shards):
     """Where each user record landed: i -> (shard, sequence number), read back from the
-    stream and deaggregated with the official Python module."""
-    where = {}
+    stream and deaggregated with the official Python module; and each shard's sequence
+    numbers in order."""
+    where, order = {}, {}
     for shard in shards:
+        order[shard] = []
         position = ("TRIM_HORIZON", None)
         while True:
             records = read(client, shard, *position, limit=10000)
             if not records:
                 break
+            order[shard] += [r["SequenceNumber"] for r in records]
             for user in iter_deaggregate_records([lambda_record(shard, r) for r in records]):
                 data = base64.b64decode(user["kinesis"]["data"])
                 where[json.loads(data)["i"]] = (shard, user["kinesis"]["sequenceNumber"])
             position = ("AFTER_SEQUENCE_NUMBER", records[-1]["SequenceNumber"])
-    return where
+    return where, order
+
+
+def check(name, where, shards, success_log, on_failure, stats, kinesis_records, started, per_key=False):
+    """Asserts the per-user-record guarantees of one pass; returns the summary line. First
+    successes follow sequence order within a shard, or with `per_key` (the concurrent mode)
+    within each partition key of a shard."""
+    lines = [json.loads(l) for l in open(success_log)] if os.path.exists(success_log) else []
+    succeeded = {json.loads(l["data"])["i"] for l in lines}
+
+    lost = [i for i in range(USER_RECORDS) if i not in succeeded and not in_on_failure(where, on_failure, i)]
+    assert not lost, f"{name}: user records neither processed nor in an on-failure batch: {lost[:20]}"
+    for i in POISON:
+        assert i not in succeeded and in_on_failure(where, on_failure, i), f"{name}: poison record {i}"
+    # Transient failures can exhaust retries too: every failing user record of an aggregate
+    # costs the whole aggregate a retry, and a killed process forgets the attempts it counted.
+    transient = [f for f in on_failure
+                 if not any(where[p][0] == f["shard"] and int(f["startSequenceNumber"]) <= int(where[p][1])
+                            <= int(f["endSequenceNumber"]) for p in POISON)]
+    exhausted = {i for i in range(USER_RECORDS) if i not in succeeded}
+    seen, orders = set(), {}
+    for l in lines:
+        key = (l["seq"], l["sub"])
+        if key not in seen:
+            seen.add(key)
+            group = (l["shard"], json.loads(l["data"])["user"] if per_key else None)
+            orders.setdefault(group, []).append((int(l["seq"]), -1 if l["sub"] is None else l["sub"]))
+    for group, order in orders.items():
+        assert order == sorted(order), f"{name}: {group}: first successes out of sequence order"
+    return (f"{name}: {USER_RECORDS} user records in {kinesis_records} Kinesis records over {SHARDS} shards; "
+            f"{len(succeeded)} processed successfully, {len(lines) - len(succeeded)} duplicate deliveries, "
+            f"{len(exhausted)} never processed, all in {len(on_failure)} on-failure batches "
+            f"({len(POISON)} poison records, {len(transient)} batches exhausted by transient failures); "
+            f"{stats.invocations} invocations, {stats.partial} partial failures, {stats.errors} function errors, "
+            f"{stats.timeouts} timeouts, {stats.kills} kills; {time.time() - started:.1f} s")
+
+
+def in_on_failure(where, on_failure, i):
+    shard, seq = where[i]
+    return any(f["shard"] == shard and int(f["startSequenceNumber"]) <= int(seq) <= int(f["endSequenceNumber"])
+               for f in on_failure)
+
+
+def check_windows(where, order, window_log, on_failure, discarded, stats):
+    """Each window's result counts every user record of the window exactly once, except those
+    of on-failure batches, which it does not count; a retried final invocation emits the same
+    result again; a discarded window emits none."""
+    assert stats.no_state == 0, f"{stats.no_state} responses without a state"
+    results = {}
+    for l in (json.loads(l) for l in open(window_log)) if os.path.exists(window_log) else []:
+        assert not l["cutBySize"] and not l["terminatedEarly"], l
+        results.setdefault((l["shard"], l["start"]), []).append(l["counts"])
+    windows = {}
+    for shard, seqs in order.items():
+        for k in range(0, (len(seqs) + WINDOW_RECORDS - 1) // WINDOW_RECORDS):
+            window = set(seqs[k * WINDOW_RECORDS:(k + 1) * WINDOW_RECORDS])
+            expected = {str(i): 1 for i, (s, seq) in where.items()
+                        if s == shard and seq in window and not in_on_failure(where, on_failure, i)}
+            windows[(shard, window_bounds(k)[0])] = expected
+    assert set(results) <= set(windows), f"results of unknown windows: {set(results) - set(windows)}"
+    emitted_again = 0
+    for key, expected in windows.items():
+        if key in discarded:
+            assert key not in results, f"{key}: a discarded window emitted a result"
+            continue
+        assert key in results, f"{key}: the window emitted no result"
+        first, *again = results[key]
+        assert all(r == first for r in again), f"{key}: its results differ"
+        emitted_again += len(again)
+        missing = sorted(set(expected) - set(first), key=int)
+        extra = {i: n for i, n in first.items() if expected.get(i) != n}
+        assert not missing and not extra, f"{key}: not counted: {missing[:20]}; miscounted: {dict(list(extra.items())[:20])}"
+    return (f"{len(windows)} windows, each counting its user records exactly once "
+            f"(but those of on-failure batches, never); {emitted_again} results emitted again by retried "
+            f"final invocations, {len(discarded)} windows discarded")
 
 
 def main():
     os.makedirs(WORK, exist_ok=True)
     for f in os.listdir(WORK):
         os.remove(os.path.join(WORK, f))
-    success_log = os.path.join(WORK, "successes.ndjson")
     random.seed(7)
     started = time.time()
     server, client = kinesalite()
@@ -335,52 +505,34 @@ def main():
             time.sleep(0.05)
         shards = [s["ShardId"] for s in client.describe_stream(StreamName=STREAM)["StreamDescription"]["Shards"]]
         kinesis_records = produce(client)
-        where = placements(client, shards)
+        where, order = placements(client, shards)
         assert sorted(where) == list(range(USER_RECORDS)), "a user record did not reach the stream"
 
         api = RuntimeApi()
+        success_log = os.path.join(WORK, "successes.ndjson")
         function = Function(api, success_log)
         on_failure, stats = [], Stats()
         for shard in shards:
             consume(client, api, function, shard, on_failure, stats)
+        function.proc.kill()
+        print(check("e2e", where, shards, success_log, on_failure, stats, kinesis_records, started))
+
+        # The same stream again through tumbling windows, in the concurrent mode.
+        started = time.time()
+        success_log = os.path.join(WORK, "window-successes.ndjson")
+        window_log = os.path.join(WORK, "windows.ndjson")
+        function = Function(api, success_log, {"E2E_WINDOW_LOG": window_log, "DEAGG_MODE": "concurrent"})
+        on_failure, stats, discarded = [], Stats(), set()
+        for shard in shards:
+            consume_windows(client, api, function, shard, order[shard], on_failure, stats, discarded)
+        function.proc.kill()
+        summary = check("e2e windows", where, shards, success_log, on_failure, stats, kinesis_records, started,
+                        per_key=True)
+        print(f"{summary}; {check_windows(where, order, window_log, on_failure, discarded, stats)}")
     finally:
         if function:
             function.proc.kill()
         server.send_signal(signal.SIGTERM)
-
-    lines = [json.loads(l) for l in open(success_log)] if os.path.exists(success_log) else []
-    succeeded = {json.loads(l["data"])["i"] for l in lines}
-
-    def in_on_failure(i):
-        shard, seq = where[i]
-        return any(f["shard"] == shard and int(f["startSequenceNumber"]) <= int(seq) <= int(f["endSequenceNumber"])
-                   for f in on_failure)
-
-    lost = [i for i in range(USER_RECORDS) if i not in succeeded and not in_on_failure(i)]
-    assert not lost, f"user records neither processed nor in an on-failure batch: {lost[:20]}"
-    for i in POISON:
-        assert i not in succeeded and in_on_failure(i), f"poison record {i}"
-    # Transient failures can exhaust retries too: every failing user record of an aggregate
-    # costs the whole aggregate a retry, and a killed process forgets the attempts it counted.
-    transient = [f for f in on_failure
-                 if not any(where[p][0] == f["shard"] and int(f["startSequenceNumber"]) <= int(where[p][1])
-                            <= int(f["endSequenceNumber"]) for p in POISON)]
-    exhausted = {i for i in range(USER_RECORDS) if i not in succeeded}
-    for shard in shards:
-        seen, order = set(), []
-        for l in lines:
-            key = (l["seq"], l["sub"])
-            if l["shard"] == shard and key not in seen:
-                seen.add(key)
-                order.append((int(l["seq"]), -1 if l["sub"] is None else l["sub"]))
-        assert order == sorted(order), f"{shard}: first successes out of sequence order"
-
-    print(f"e2e: {USER_RECORDS} user records in {kinesis_records} Kinesis records over {SHARDS} shards; "
-          f"{len(succeeded)} processed successfully, {len(lines) - len(succeeded)} duplicate deliveries, "
-          f"{len(exhausted)} never processed, all in {len(on_failure)} on-failure batches "
-          f"({len(POISON)} poison records, {len(transient)} batches exhausted by transient failures); "
-          f"{stats.invocations} invocations, {stats.partial} partial failures, {stats.errors} function errors, "
-          f"{stats.timeouts} timeouts, {stats.kills} kills; {time.time() - started:.1f} s")
 
 
 if __name__ == "__main__":
