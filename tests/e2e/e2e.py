@@ -264,6 +264,9 @@ def event_of(shard, records):
 class Stats:
     invocations = kills = timeouts = errors = partial = no_state = 0
 
+    def __init__(self):
+        self.error_types = {}
+
 
 def invoke(api, function, stats, event):
     """One invocation, killed mid-batch at the KILL_AT invocations, restarted after a timeout."""
@@ -285,6 +288,11 @@ def invoke(api, function, stats, event):
         function.restart()
     elif kind == "error":
         stats.errors += 1
+        try:
+            error_type = json.loads(payload).get("errorType")
+        except ValueError:
+            error_type = None
+        stats.error_types[error_type] = stats.error_types.get(error_type, 0) + 1
     return kind, payload
 
 
@@ -443,11 +451,12 @@ def check(name, where, shards, success_log, on_failure, stats, kinesis_records, 
             orders.setdefault(group, []).append((int(l["seq"]), -1 if l["sub"] is None else l["sub"]))
     for group, order in orders.items():
         assert order == sorted(order), f"{name}: {group}: first successes out of sequence order"
+    types = "".join(f" ({n} {t})" for t, n in stats.error_types.items())
     return (f"{name}: {USER_RECORDS} user records in {kinesis_records} Kinesis records over {SHARDS} shards; "
             f"{len(succeeded)} processed successfully, {len(lines) - len(succeeded)} duplicate deliveries, "
             f"{len(exhausted)} never processed, all in {len(on_failure)} on-failure batches "
             f"({len(POISON)} poison records, {len(transient)} batches exhausted by transient failures); "
-            f"{stats.invocations} invocations, {stats.partial} partial failures, {stats.errors} function errors, "
+            f"{stats.invocations} invocations, {stats.partial} partial failures, {stats.errors} function errors{types}, "
             f"{stats.timeouts} timeouts, {stats.kills} kills; {time.time() - started:.1f} s")
 
 
