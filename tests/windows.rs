@@ -25,11 +25,15 @@ struct Counts {
     seen: Vec<String>,
 }
 
-/// Counts user records; `close` keeps each result it is given (with whether it was cut).
+/// Counts user records; `close` keeps each result it is given (with whether it was cut), and
+/// whether the window was terminated early.
 #[derive(Clone, Default)]
 struct Count {
     closed: Rc<RefCell<Vec<(Counts, bool)>>>,
+    early: Rc<RefCell<Vec<bool>>>,
 }
+
+const ARN: &str = "arn:aws:kinesis:us-east-1:123456789012:stream/orders";
 
 impl Window for Count {
     type State = Counts;
@@ -42,8 +46,16 @@ impl Window for Count {
         state.seen.push(ctx.idempotency_key());
     }
     async fn close(&self, state: Counts, end: &WindowEnd) -> Result<(), Error> {
-        assert_eq!(end.start(), "2026-12-04T06:00:00Z");
+        assert_eq!(
+            (end.start(), end.end()),
+            ("2026-12-04T06:00:00Z", "2026-12-04T06:05:00Z")
+        );
+        assert_eq!(
+            (end.shard_id(), end.event_source_arn()),
+            (Some("shardId-000000000000"), Some(ARN))
+        );
         self.closed.borrow_mut().push((state, end.cut_by_size()));
+        self.early.borrow_mut().push(end.terminated_early());
         Ok(())
     }
 }
@@ -71,6 +83,7 @@ fn window(state: serde_json::Value, last: bool) -> TumblingWindow {
     w.start = "2026-12-04T06:00:00Z".into();
     w.end = "2026-12-04T06:05:00Z".into();
     w.shard_id = Some("shardId-000000000000".into());
+    w.event_source_arn = Some(ARN.into());
     w.state = state;
     w.is_final_invoke_for_window = last;
     w
@@ -125,6 +138,10 @@ async fn run_window<T: kinesis_deagg::transform::Transform>(
     };
     let response = processor.handle(&last, None).await.unwrap().response();
     assert!(response.state.is_some() && response.batch_item_failures.is_empty());
+    assert!(
+        !count.early.borrow().contains(&true),
+        "no window ended early"
+    );
     let closed = count.closed.borrow().clone();
     (closed, invocations + 1)
 }
@@ -270,4 +287,28 @@ async fn every_answer_carries_the_state_even_empty_or_failed() {
     };
     let response = serde_json::to_string(&processor.handle(&plain, None).await.unwrap().response());
     assert_eq!(response.unwrap(), r#"{"batchItemFailures":[]}"#);
+}
+
+#[tokio::test]
+async fn a_window_terminated_early_closes_with_its_state_and_says_so() {
+    let count = Count::default();
+    let ok = |_: UserRecord, _: RecordContext| async { Ok::<(), Error>(()) };
+    let processor = processor(ok, &count, Mode::Ordered, 1 << 20);
+    let state = serde_json::json!({"per_key": {"key-0": 10}, "bytes": 3, "seen": []});
+    let mut w = window(state.clone(), false);
+    // An invocation that is neither final nor terminated early closes nothing.
+    let event = KinesisEvent {
+        records: vec![],
+        window: Some(w.clone()),
+    };
+    processor.handle(&event, None).await.unwrap();
+    assert!(count.closed.borrow().is_empty());
+    w.is_window_terminated_early = true;
+    let event = KinesisEvent {
+        records: vec![],
+        window: Some(w),
+    };
+    processor.handle(&event, None).await.unwrap();
+    assert_eq!(*count.early.borrow(), [true]);
+    assert_eq!(count.closed.borrow()[0].0.per_key["key-0"], 10);
 }
