@@ -119,7 +119,7 @@ def main():
         source_shards = [s for s, _, _ in create(client, SOURCE, SOURCE_SHARDS)]
         destination_shards = create(client, DESTINATION, DESTINATION_SHARDS)
         kinesis_records = e2e.produce(client)
-        where = e2e.placements(client, source_shards)
+        where, _ = e2e.placements(client, source_shards)
         assert sorted(where) == list(range(user_records)), "a user record did not reach the source"
         faults, proxy_port = proxy(kinesalite_port)
         api = e2e.RuntimeApi()
