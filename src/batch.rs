@@ -18,7 +18,7 @@ use aws_lambda_events::event::streams::{KinesisBatchItemFailure, KinesisEventRes
 use bytestring::ByteString;
 use futures::FutureExt;
 
-use crate::event::EventRecord;
+use crate::event::{EventRecord, TumblingWindow};
 use crate::kpl::{DeaggError, Deaggregated, UserRecord, UserRecords, Verifier, deaggregate_with};
 use crate::lookahead::{self, Keyed, Lookahead};
 use crate::settings::Settings;
@@ -660,6 +660,47 @@ impl Report for FloorReport<'_> {
                 message,
             },
         );
+    }
+}
+
+/// Delivers what a window's `close` emitted (see [`crate::window::WindowEnd::emit`]) to
+/// `sink` before the stop time: all of it, or the first reason one was not delivered.
+///
+/// The records hang off one made-up Kinesis record, `window:<shard>:<start>`, so that their
+/// idempotency keys are the same on every retry of the window's final invocation.
+pub(crate) async fn deliver_emitted<S: Sink>(
+    sink: &S,
+    emitted: Vec<UserRecord>,
+    window: &TumblingWindow,
+    settings: &Settings,
+    deadline: Option<Instant>,
+) -> Result<u64, String> {
+    let shard = window.shard_id.as_deref().unwrap_or("unknown");
+    let batch = Batch::new(vec![EventRecord {
+        sequence_number: format!("window:{shard}:{}", window.start).into(),
+        partition_key: ByteString::new(),
+        data: Ok(bytes::Bytes::new()),
+        approximate_arrival: None,
+        shard_id: window.shard_id.as_deref().map(Arc::from),
+        event_source_arn: window.event_source_arn.as_deref().map(Arc::from),
+    }]);
+    let (outbox, receiver) = Outbox::new(sink.limits());
+    let count = emitted.len() as u64;
+    for (n, record) in emitted.into_iter().enumerate() {
+        outbox.push(record, RecordContext::of(&batch, 0, Some(n as u64)));
+    }
+    outbox.close();
+    let stop_at = deadline.map(|d| stop_time(d, settings.deadline_margin()));
+    let floor = Floor {
+        index: Cell::new(1),
+        reason: Cell::new(None),
+    };
+    Driver::new(sink, settings.sink.policy(), stop_at, &outbox, receiver)
+        .run(&FloorReport(&floor))
+        .await;
+    match floor.reason.take() {
+        None => Ok(count),
+        Some(reason) => Err(reason.to_string()),
     }
 }
 

@@ -215,11 +215,25 @@ impl<T: Transform, S: Sink> Processor<T, S> {
                     max_state_bytes: settings.window_state_max_bytes,
                     dims: &dims,
                     namespace,
+                    sink: sink.is_some(),
                 };
-                let result = keeper.run(step).instrument(span).await;
-                let (state, stats) = result.inspect_err(|e| tracing::error!("{e}"))?;
-                outcome.state = Some(state);
-                outcome.stats.window = Some(stats);
+                let result = async {
+                    let mut answer = keeper.run(step).await?;
+                    if let (Some(sink), false) = (sink, answer.emitted.is_empty()) {
+                        let emitted = std::mem::take(&mut answer.emitted);
+                        answer.stats.emitted =
+                            batch::deliver_emitted(sink, emitted, window, settings, deadline)
+                                .await
+                                .map_err(WindowError::Undelivered)?;
+                    }
+                    Ok(answer)
+                };
+                let answer = result
+                    .instrument(span)
+                    .await
+                    .inspect_err(|e: &WindowError| tracing::error!("{e}"))?;
+                outcome.state = Some(answer.state);
+                outcome.stats.window = Some(answer.stats);
                 // `close` may have added some.
                 outcome.metrics = batch.metrics.snapshot();
             }

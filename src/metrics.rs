@@ -132,6 +132,7 @@ fn batch_metrics(
             ("WindowStateBytes", "Bytes", window.state_bytes as f64),
             ("WindowsClosed", "Count", window.closed as f64),
             ("WindowStateCutBySize", "Count", window.cut_by_size as f64),
+            ("WindowRecordsEmitted", "Count", window.emitted as f64),
         ]);
     }
     metrics

@@ -14,7 +14,9 @@
 //! - **The final invocation** (`isFinalInvokeForWindow`, or `isWindowTerminatedEarly`) calls
 //!   [`Window::close`] once every record of it succeeded. If one did not, or `close` fails,
 //!   the invocation fails as a whole: Lambda retries a failed final invocation until it
-//!   succeeds, with the same state, so the result is emitted once, complete.
+//!   succeeds, with the same state, so the result is emitted once, complete. What `close`
+//!   hands to the sink ([`WindowEnd::emit`]) is delivered at least once: a record not
+//!   delivered fails the invocation too.
 //! - **State size.** Lambda keeps at most 1 MB of state per shard. A state that would
 //!   serialize larger than `DEAGG_WINDOW_STATE_MAX_BYTES` is closed early instead (with
 //!   [`WindowEnd::cut_by_size`] set) and the window goes on from the default state, so no
@@ -24,7 +26,7 @@
 
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
@@ -82,8 +84,9 @@ pub trait Window {
     }
 
     /// Emits the result of a window from its final state: to the log, to the invocation's
-    /// metrics document ([`WindowEnd::metrics`]), or anywhere else. An `Err` fails the
-    /// invocation, and Lambda calls it again with the same state.
+    /// metrics document ([`WindowEnd::metrics`]), to the processor's sink
+    /// ([`WindowEnd::emit`]), or anywhere else. An `Err` fails the invocation, and Lambda
+    /// calls it again with the same state.
     fn close(&self, state: Self::State, end: &WindowEnd)
     -> impl Future<Output = Result<(), Error>>;
 }
@@ -96,6 +99,8 @@ pub struct WindowEnd {
     metrics: Metrics,
     pub(crate) dims: Dimensions,
     pub(crate) namespace: Option<String>,
+    /// What [`WindowEnd::emit`] was given; `None` when the processor has no sink.
+    emitted: Option<Mutex<Vec<UserRecord>>>,
 }
 
 impl WindowEnd {
@@ -134,6 +139,57 @@ impl WindowEnd {
     pub fn metrics(&self) -> &Metrics {
         &self.metrics
     }
+
+    /// Sends `record` to the processor's sink (the one `DEAGG_SINK` names, or
+    /// [`Processor::with_sink`](crate::Processor::with_sink)'s) once `close` returns `Ok`.
+    /// If the sink cannot deliver every record emitted, the invocation fails with
+    /// [`WindowError::Undelivered`] and Lambda calls `close` again with the same state: a
+    /// result is delivered at least once. Each record's
+    /// [`idempotency_key`](crate::transform::RecordContext::idempotency_key) is the same on
+    /// every try: `window:<shard>:<start>:<n>` for the n-th record emitted.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// # use kinesis_deagg::kpl::UserRecord;
+    /// # use kinesis_deagg::transform::{Error, RecordContext};
+    /// # use kinesis_deagg::window::{Window, WindowEnd};
+    /// struct Total;
+    ///
+    /// impl Window for Total {
+    ///     type State = std::collections::BTreeMap<String, u64>;
+    ///     fn update(&self, state: &mut Self::State, _: &UserRecord, _: &RecordContext) {
+    ///         *state.entry("userRecords".into()).or_default() += 1;
+    ///     }
+    ///     async fn close(&self, state: Self::State, end: &WindowEnd) -> Result<(), Error> {
+    ///         let body = serde_json::to_vec(&state)?;
+    ///         end.emit(UserRecord::plain(end.shard_id().unwrap_or("all"), None, body.into()))
+    ///     }
+    /// }
+    /// ```
+    ///
+    /// # Errors
+    ///
+    /// When the processor has no sink.
+    pub fn emit(&self, record: UserRecord) -> Result<(), Error> {
+        let emitted = self.emitted.as_ref().ok_or(
+            "the window's result cannot be emitted: the function has no sink (DEAGG_SINK)",
+        )?;
+        emitted
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .push(record);
+        Ok(())
+    }
+
+    fn take_emitted(self) -> Vec<UserRecord> {
+        self.emitted
+            .map(|e| {
+                e.into_inner()
+                    .unwrap_or_else(|poisoned| poisoned.into_inner())
+            })
+            .unwrap_or_default()
+    }
 }
 
 /// What the window step made of one invocation.
@@ -146,6 +202,8 @@ pub struct WindowStats {
     pub closed: u64,
     /// Times the state was cut by size (0 or 1).
     pub cut_by_size: u64,
+    /// User records the window's result delivered to the sink ([`WindowEnd::emit`]).
+    pub emitted: u64,
 }
 
 /// Why a window invocation fails as a whole (Lambda retries it with the same state).
@@ -166,6 +224,9 @@ pub enum WindowError {
     /// [`Window::close`] failed.
     #[error("closing the window failed: {0}")]
     Close(Error),
+    /// The sink did not deliver every record [`WindowEnd::emit`] was given.
+    #[error("the sink did not deliver the window's result: {0}")]
+    Undelivered(String),
 }
 
 /// The state of a window event's response: a serialized JSON object.
@@ -193,8 +254,15 @@ pub(crate) trait ErasedWindow {
 }
 
 /// The window step of one invocation, under way.
-pub(crate) type Running<'a> =
-    Pin<Box<dyn Future<Output = Result<(State, WindowStats), WindowError>> + 'a>>;
+pub(crate) type Running<'a> = Pin<Box<dyn Future<Output = Result<Answer, WindowError>> + 'a>>;
+
+/// What the window step answers: the state, its stats, and what `close` emitted, for the
+/// processor to deliver to its sink.
+pub(crate) struct Answer {
+    pub(crate) state: State,
+    pub(crate) stats: WindowStats,
+    pub(crate) emitted: Vec<UserRecord>,
+}
 
 /// What one invocation gives the window step.
 pub(crate) struct Step<'a> {
@@ -208,6 +276,8 @@ pub(crate) struct Step<'a> {
     pub(crate) dims: &'a Dimensions,
     /// The metrics namespace, when metrics are on.
     pub(crate) namespace: Option<&'a str>,
+    /// Whether the processor has a sink for [`WindowEnd::emit`].
+    pub(crate) sink: bool,
 }
 
 impl<W: Window> ErasedWindow for W {
@@ -216,7 +286,7 @@ impl<W: Window> ErasedWindow for W {
     }
 }
 
-async fn run<W: Window>(window: &W, step: Step<'_>) -> Result<(State, WindowStats), WindowError> {
+async fn run<W: Window>(window: &W, step: Step<'_>) -> Result<Answer, WindowError> {
     // A window's first invocation brings `{}` (or nothing).
     let mut state: W::State = match &step.window.state {
         serde_json::Value::Null => W::State::default(),
@@ -235,6 +305,7 @@ async fn run<W: Window>(window: &W, step: Step<'_>) -> Result<(State, WindowStat
         state_bytes: 0,
         closed: 0,
         cut_by_size: 0,
+        emitted: 0,
     };
     let end = |cut_by_size| WindowEnd {
         window: step.window.clone(),
@@ -242,6 +313,7 @@ async fn run<W: Window>(window: &W, step: Step<'_>) -> Result<(State, WindowStat
         metrics: step.batch.metrics.clone(),
         dims: step.dims.clone(),
         namespace: step.namespace.map(str::to_owned),
+        emitted: step.sink.then(Mutex::default),
     };
     let w = step.window;
     if w.is_final_invoke_for_window || w.is_window_terminated_early {
@@ -251,15 +323,21 @@ async fn run<W: Window>(window: &W, step: Step<'_>) -> Result<(State, WindowStat
             ));
         }
         let answered = serialize(&state)?;
+        let end = end(false);
         window
-            .close(state, &end(false))
+            .close(state, &end)
             .await
             .map_err(WindowError::Close)?;
         stats.closed = 1;
         stats.state_bytes = answered.json().len() as u64;
-        return Ok((answered, stats));
+        return Ok(Answer {
+            state: answered,
+            stats,
+            emitted: end.take_emitted(),
+        });
     }
     let mut answered = serialize(&state)?;
+    let mut emitted = Vec::new();
     if answered.json().len() > step.max_state_bytes {
         tracing::error!(
             state_bytes = answered.json().len(),
@@ -267,16 +345,22 @@ async fn run<W: Window>(window: &W, step: Step<'_>) -> Result<(State, WindowStat
             window_start = %w.start,
             "the window state would exceed DEAGG_WINDOW_STATE_MAX_BYTES: closing this part of the window now and going on from the default state"
         );
+        let end = end(true);
         window
-            .close(state, &end(true))
+            .close(state, &end)
             .await
             .map_err(WindowError::Close)?;
         stats.closed = 1;
         stats.cut_by_size = 1;
         answered = serialize(&W::State::default())?;
+        emitted = end.take_emitted();
     }
     stats.state_bytes = answered.json().len() as u64;
-    Ok((answered, stats))
+    Ok(Answer {
+        state: answered,
+        stats,
+        emitted,
+    })
 }
 
 /// The state as Lambda takes it: a JSON object.

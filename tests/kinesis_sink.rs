@@ -584,3 +584,65 @@ async fn after_a_reshard_every_user_record_is_on_a_shard_a_kcl_consumer_keeps_it
         );
     }
 }
+
+/// Emits the number of user records the window counted, keyed by its shard.
+struct Total;
+
+impl kinesis_deagg::window::Window for Total {
+    type State = BTreeMap<String, u64>;
+    fn update(&self, state: &mut Self::State, _: &UserRecord, _: &RecordContext) {
+        *state.entry("userRecords".into()).or_default() += 1;
+    }
+    async fn close(
+        &self,
+        state: Self::State,
+        end: &kinesis_deagg::window::WindowEnd,
+    ) -> Result<(), Error> {
+        let body = serde_json::to_vec(&state)?;
+        end.emit(UserRecord::plain(
+            end.shard_id().unwrap(),
+            None,
+            body.into(),
+        ))
+    }
+}
+
+#[tokio::test]
+async fn a_windows_result_emitted_at_its_final_invocation_lands_in_the_stream() {
+    let server = kinesalite();
+    let kinesis = client(server.port);
+    create_stream(&kinesis, "results", 1).await;
+    let mut settings = settings("results", Mode::Ordered);
+    settings.sink.aggregate = Switch::Off;
+    let sink = KinesisSink::new(client(server.port), &settings.sink).unwrap();
+    let processor = Processor::with_sink(accept, sink, settings).with_window(Total);
+    let mut window = kinesis_deagg::event::TumblingWindow::default();
+    window.start = "2026-12-04T06:00:00Z".into();
+    window.end = "2026-12-04T06:05:00Z".into();
+    window.shard_id = Some("shardId-000000000007".into());
+    window.state = serde_json::json!({"userRecords": 41});
+    window.is_final_invoke_for_window = true;
+    let (event, _) = source(3, "w");
+    let event = KinesisEvent {
+        records: event.records,
+        window: Some(window),
+    };
+    let outcome = processor.handle(&event, None).await.unwrap();
+    assert!(outcome.failure.is_none());
+    let users: usize = event
+        .records
+        .iter()
+        .map(|r| {
+            kinesis_deagg::batch::unpack(r, &Settings::default())
+                .user_records
+                .len()
+        })
+        .sum();
+    let landed = read_all(&kinesis, "results").await;
+    // The batch's own user records, then the result.
+    assert_eq!(landed.len(), users + 1);
+    let result = landed.last().unwrap();
+    assert_eq!(result.partition_key, "shardId-000000000007");
+    let body: serde_json::Value = serde_json::from_slice(&result.data).unwrap();
+    assert_eq!(body, serde_json::json!({"userRecords": 41 + users}));
+}

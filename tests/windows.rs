@@ -11,6 +11,7 @@ use kinesis_deagg::batch::{BatchOutcome, Mode};
 use kinesis_deagg::event::{KinesisEvent, TumblingWindow};
 use kinesis_deagg::kpl::UserRecord;
 use kinesis_deagg::settings::Switch;
+use kinesis_deagg::sink::{EntryOutcome, Limits, SendError, Sink};
 use kinesis_deagg::testing::EventBuilder;
 use kinesis_deagg::transform::{Error, RecordContext};
 use kinesis_deagg::window::{Window, WindowEnd, WindowError};
@@ -311,4 +312,135 @@ async fn a_window_terminated_early_closes_with_its_state_and_says_so() {
     processor.handle(&event, None).await.unwrap();
     assert_eq!(*count.early.borrow(), [true]);
     assert_eq!(count.closed.borrow()[0].0.per_key["key-0"], 10);
+}
+
+/// A destination that refuses results (entries with a `=`) for good while `refuse` is set,
+/// keeping the idempotency key of each entry it is given and the data of each it accepts.
+#[derive(Default)]
+struct Destination {
+    refuse: std::cell::Cell<bool>,
+    keys: RefCell<Vec<String>>,
+    delivered: RefCell<Vec<String>>,
+}
+
+impl Sink for &Destination {
+    type Entry = bytes::Bytes;
+    fn limits(&self) -> Limits {
+        Limits {
+            max_entries: 2,
+            max_request_bytes: 1 << 20,
+            max_entry_bytes: 1 << 20,
+        }
+    }
+    fn entry(&self, record: UserRecord, ctx: &RecordContext) -> Result<bytes::Bytes, Error> {
+        self.keys.borrow_mut().push(ctx.idempotency_key());
+        Ok(record.into_data())
+    }
+    fn size(&self, entry: &bytes::Bytes) -> usize {
+        entry.len()
+    }
+    async fn send(&self, entries: &[bytes::Bytes]) -> Result<Vec<EntryOutcome>, SendError> {
+        Ok(entries
+            .iter()
+            .map(|e| match self.refuse.get() && e.contains(&b'=') {
+                true => EntryOutcome::failed("AccessDenied", "refused"),
+                false => {
+                    let text = String::from_utf8(e.to_vec()).unwrap();
+                    self.delivered.borrow_mut().push(text);
+                    EntryOutcome::Delivered
+                }
+            })
+            .collect())
+    }
+}
+
+/// Emits one record per key of the final state, `<key>=<count>`.
+struct EmitPerKey;
+
+impl Window for EmitPerKey {
+    type State = BTreeMap<String, u64>;
+    fn update(&self, state: &mut Self::State, record: &UserRecord, _: &RecordContext) {
+        *state.entry(record.partition_key().to_owned()).or_default() += 1;
+    }
+    async fn close(&self, state: Self::State, end: &WindowEnd) -> Result<(), Error> {
+        for (key, n) in state {
+            end.emit(UserRecord::plain(&key, None, format!("{key}={n}").into()))?;
+        }
+        Ok(())
+    }
+}
+
+#[tokio::test]
+async fn what_close_emits_reaches_the_sink_or_the_final_invocation_fails_and_is_retried() {
+    let destination = Destination::default();
+    let settings = Settings {
+        metrics: Switch::Off,
+        ..Settings::default()
+    };
+    let ok = |_: UserRecord, _: RecordContext| async { Ok::<(), Error>(()) };
+    let processor = Processor::with_sink(ok, &destination, settings).with_window(EmitPerKey);
+    // The final invocation's own records go to the sink too; 3 of key a, 2 of b.
+    let event = EventBuilder::new()
+        .plain("a", b"1")
+        .aggregate(&[("b", b"2"), ("a", b"3")])
+        .build();
+    let last = KinesisEvent {
+        records: event.records,
+        window: Some(window(serde_json::json!({"a": 1, "b": 1}), true)),
+    };
+    destination.refuse.set(true);
+    let err = processor.handle(&last, None).await.unwrap_err();
+    assert!(matches!(err, WindowError::Undelivered(_)), "{err}");
+    assert!(err.to_string().contains("refused"), "{err}");
+    assert_eq!(destination.delivered.take(), ["1", "2", "3"]);
+
+    // Lambda retries the same invocation; the result is delivered, under the same keys.
+    destination.refuse.set(false);
+    let keys_before = destination.keys.take();
+    let outcome = processor.handle(&last, None).await.unwrap();
+    assert!(outcome.failure.is_none());
+    let dims = kinesis_deagg::metrics::Dimensions {
+        function_name: "f".into(),
+        stream_name: "s".into(),
+        shard_id: "shardId-000000000000".into(),
+    };
+    let doc = kinesis_deagg::metrics::document(
+        "NS",
+        &dims,
+        &outcome,
+        std::time::SystemTime::now(),
+        std::time::Duration::ZERO,
+    );
+    for (name, value) in [
+        ("WindowRecordsEmitted", 2.0),
+        ("WindowsClosed", 1.0),
+        ("WindowStateCutBySize", 0.0),
+        ("WindowStateBytes", r#"{"a":3,"b":2}"#.len() as f64),
+    ] {
+        assert_eq!(doc[name], value, "{name}");
+    }
+    assert_eq!(
+        *destination.delivered.borrow(),
+        ["1", "2", "3", "a=3", "b=2"]
+    );
+    let keys = destination.keys.take();
+    assert_eq!(keys, keys_before);
+    let window_keys = [
+        "window:shardId-000000000000:2026-12-04T06:00:00Z:0",
+        "window:shardId-000000000000:2026-12-04T06:00:00Z:1",
+    ];
+    assert_eq!(keys[3..], window_keys);
+}
+
+#[tokio::test]
+async fn emitting_without_a_sink_fails_the_final_invocation_with_a_clear_error() {
+    let ok = |_: UserRecord, _: RecordContext| async { Ok::<(), Error>(()) };
+    let processor = Processor::new(ok, Settings::default()).with_window(EmitPerKey);
+    let last = KinesisEvent {
+        records: vec![],
+        window: Some(window(serde_json::json!({"a": 1}), true)),
+    };
+    let err = processor.handle(&last, None).await.unwrap_err();
+    assert!(matches!(err, WindowError::Close(_)), "{err}");
+    assert!(err.to_string().contains("no sink"), "{err}");
 }
