@@ -77,6 +77,21 @@ pub trait Window {
     /// them all, and a sink delivered them).
     fn update(&self, state: &mut Self::State, record: &UserRecord, context: &RecordContext);
 
+    /// [`Window::update`] for each user record of one Kinesis record. The built-in report
+    /// counts an aggregate here without making its user records.
+    #[doc(hidden)]
+    fn update_all(
+        &self,
+        state: &mut Self::State,
+        users: &UserRecords,
+        context: &mut RecordContext,
+    ) {
+        for user in users.clone() {
+            context.set_sub_sequence_number(user.sub_sequence_number());
+            self.update(state, &user, context);
+        }
+    }
+
     /// Called once after the invocation's updates, before the state is answered or closed:
     /// for work better done once per batch than once per user record.
     fn settle(&self, state: &mut Self::State) {
@@ -295,10 +310,7 @@ async fn run<W: Window>(window: &W, step: Step<'_>) -> Result<Answer, WindowErro
     };
     for (index, users) in step.user_records[..step.floor].iter().enumerate() {
         let mut context = RecordContext::of(step.batch, index, None);
-        for user in users.clone() {
-            context.set_sub_sequence_number(user.sub_sequence_number());
-            window.update(&mut state, &user, &context);
-        }
+        window.update_all(&mut state, users, &mut context);
     }
     window.settle(&mut state);
     let mut stats = WindowStats {

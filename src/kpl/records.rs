@@ -81,6 +81,36 @@ impl UserRecords {
         }
     }
 
+    /// Calls `each(k, partition key, data length)` for every user record left, without making
+    /// the records (no reference counts taken): `k` numbers the distinct keys, below
+    /// [`UserRecords::key_count`], so that a caller can look each one up once. For the window
+    /// report, which saves a third of its time this way (`benches/windows.rs`).
+    pub(crate) fn each_key(&self, mut each: impl FnMut(usize, &str, usize)) {
+        match &self.source {
+            Source::One(Some(r)) if self.next < self.end => {
+                each(0, r.partition_key(), r.data().len());
+            }
+            Source::One(_) => {}
+            Source::Aggregate(split) => {
+                let partition_keys = &split.tables[0];
+                for record in &split.records[self.next..self.end] {
+                    let k = record.partition_key_index as usize;
+                    let range = &partition_keys[k].0;
+                    let key = &split.keys[range.start as usize..range.end as usize];
+                    each(k, key, (record.data_end - record.data_start) as usize);
+                }
+            }
+        }
+    }
+
+    /// How many distinct partition keys [`UserRecords::each_key`] numbers.
+    pub(crate) fn key_count(&self) -> usize {
+        match &self.source {
+            Source::One(_) => 1,
+            Source::Aggregate(split) => split.tables[0].len(),
+        }
+    }
+
     /// True when no user record is left.
     pub fn is_empty(&self) -> bool {
         self.next >= self.end

@@ -853,3 +853,48 @@ fn the_hash_key_is_the_explicit_one_else_the_md5_of_the_partition_key() {
         assert_eq!(r.hash_key(), expected, "{ehk:?}");
     }
 }
+
+#[test]
+fn each_key_names_the_key_and_data_length_of_every_user_record_left() {
+    let d = message(
+        &[b"a", b"bb", b"a"],
+        &[],
+        vec![
+            record(Some(1), None, Some(b"12345")),
+            record(Some(0), None, Some(b"")),
+            record(Some(2), None, Some(b"xy")),
+            record(Some(1), None, Some(b"z")),
+        ],
+    );
+    let Ok(Deaggregated::Aggregated(mut users)) = deaggregate(d) else {
+        panic!("not an aggregate")
+    };
+    assert_eq!(users.key_count(), 3);
+    let seen = |users: &UserRecords| {
+        let mut seen = vec![];
+        users.each_key(|k, key, len| seen.push((k, key.to_string(), len)));
+        seen
+    };
+    let expected = |users: &UserRecords| -> Vec<(String, usize)> {
+        users
+            .clone()
+            .map(|u| (u.partition_key().to_string(), u.data().len()))
+            .collect()
+    };
+    let all = seen(&users);
+    let ks: Vec<usize> = all.iter().map(|s| s.0).collect();
+    assert_eq!(ks, [1, 0, 2, 1]);
+    let keys: Vec<(String, usize)> = all.into_iter().map(|(_, k, n)| (k, n)).collect();
+    assert_eq!(keys, expected(&users));
+    assert_eq!(keys[0], ("bb".to_string(), 5));
+    // Only what is left once some user records were taken.
+    users.next();
+    let rest: Vec<(String, usize)> = seen(&users).into_iter().map(|(_, k, n)| (k, n)).collect();
+    assert_eq!(rest, expected(&users));
+    assert_eq!(rest.len(), 3);
+    // A plain record: one key, numbered 0; none once taken.
+    let mut one = UserRecords::one(UserRecord::plain("p", None, Bytes::from_static(b"abc")));
+    assert_eq!(seen(&one), [(0, "p".to_string(), 3)]);
+    one.next();
+    assert!(seen(&one).is_empty());
+}
