@@ -84,7 +84,7 @@ impl UserRecords {
     /// Calls `each(k, partition key, data length)` for every user record left, without making
     /// the records (no reference counts taken): `k` numbers the distinct keys, below
     /// [`UserRecords::key_count`], so that a caller can look each one up once. For the window
-    /// report, which saves a third of its time this way (`benches/windows.rs`).
+    /// report (`benches/windows.rs` measures it).
     pub(crate) fn each_key(&self, mut each: impl FnMut(usize, &str, usize)) {
         match &self.source {
             Source::One(Some(r)) if self.next < self.end => {
