@@ -159,3 +159,49 @@ fn with_an_async_transform_keys_run_side_by_side_for_8_keys() {
     assert_eq!(concurrent, [10]);
     assert_eq!(most, 8);
 }
+
+/// With 64 workers the concurrent mode looks 64 × 32 user records ahead: the other keys
+/// behind 400 user records of one hot key start at once instead of waiting for it.
+#[test]
+fn the_lookahead_grows_with_the_workers_past_a_hot_key() {
+    let mut records: Vec<_> = (0..400)
+        .map(|i| plain(&format!("{i:04}"), "hot", b"x"))
+        .collect();
+    records.extend((0..63).map(|k| plain(&format!("{:04}", 400 + k), &format!("cold-{k}"), b"x")));
+    let records = event(records).records;
+    let settings = Settings {
+        mode: Mode::Concurrent,
+        concurrency: 64,
+        ..Settings::default()
+    };
+    let started: Rc<std::cell::RefCell<Vec<(String, Duration)>>> = Rc::default();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .start_paused(true)
+        .build()
+        .unwrap();
+    let begin = rt.block_on(async { tokio::time::Instant::now() });
+    let transform = |record: UserRecord, _: RecordContext| {
+        let started = started.clone();
+        async move {
+            let at = tokio::time::Instant::now() - begin;
+            started
+                .borrow_mut()
+                .push((record.partition_key().to_owned(), at));
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            Ok::<(), Error>(())
+        }
+    };
+    let outcome = rt.block_on(batch::process(&records, &transform, &settings, None));
+    assert!(outcome.failure.is_none());
+    let started = started.borrow();
+    let last_cold = started
+        .iter()
+        .filter(|(key, _)| key.starts_with("cold"))
+        .map(|(_, at)| *at)
+        .max()
+        .unwrap();
+    // Before the hot key's second user record (10 ms).
+    assert!(last_cold < Duration::from_millis(10), "{last_cold:?}");
+    assert_eq!(started.len(), 463);
+}

@@ -545,3 +545,63 @@ async fn contexts_tell_the_details_of_their_kinesis_record() {
         ]
     );
 }
+
+#[tokio::test]
+async fn the_concurrent_mode_starts_nothing_more_of_the_reported_record() {
+    // Record 2's user record 0 fails; its user record 1, of the same key, waits behind it
+    // and is never started: Lambda delivers the whole record again.
+    let e = event(vec![
+        plain("1", "b", b"ok"),
+        aggregate("2", &[("a", b"fail"), ("a", b"ok"), ("c", b"ok")]),
+        plain("3", "d", b"ok"),
+    ]);
+    let (outcome, seen) = run(&e, &concurrent()).await;
+    assert_eq!(
+        reported(&outcome),
+        r#"{"batchItemFailures":[{"itemIdentifier":"2"}]}"#
+    );
+    assert!(
+        !seqs(&seen).contains(&"2/Some(1)".to_string()),
+        "{:?}",
+        seqs(&seen)
+    );
+}
+
+/// A KPL aggregate with any bytes as partition keys: `(key index, data)` per user record,
+/// encoded by hand (our aggregator takes only valid keys).
+fn aggregate_of_raw_keys(seq: &str, keys: &[&[u8]], users: &[(u8, &[u8])]) -> serde_json::Value {
+    let mut pb = Vec::new();
+    for key in keys {
+        pb.extend([0x0A, key.len() as u8]);
+        pb.extend_from_slice(key);
+    }
+    for (index, data) in users {
+        let record = [&[0x08, *index, 0x1A, data.len() as u8][..], data].concat();
+        pb.extend([0x1A, record.len() as u8]);
+        pb.extend(record);
+    }
+    use base64::Engine;
+    record(
+        seq,
+        "a",
+        &base64::engine::general_purpose::STANDARD.encode(envelope(&pb)),
+    )
+}
+
+#[tokio::test]
+async fn user_records_with_keys_that_are_not_utf8_are_counted_and_delivered() {
+    let e = event(vec![
+        aggregate_of_raw_keys(
+            "1",
+            &[b"\xff\xfe", b"ok"],
+            &[(0, b"x"), (1, b"y"), (0, b"z")],
+        ),
+        plain("2", "p", b"plain"),
+        aggregate_of_raw_keys("3", &[b"k\xc3"], &[(0, b"w")]),
+    ]);
+    let (outcome, seen) = run(&e, &Settings::default()).await;
+    assert!(outcome.failure.is_none());
+    assert_eq!(outcome.stats.lossy_keys, 3);
+    assert_eq!(outcome.stats.user_records, 5);
+    assert_eq!(seen.borrow().len(), 5);
+}
