@@ -664,44 +664,69 @@ impl Report for FloorReport<'_> {
 }
 
 /// Delivers what a window's `close` emitted (see [`crate::window::WindowEnd::emit`]) to
-/// `sink` before the stop time: all of it, or the first reason one was not delivered.
+/// `sink` before the stop time: what the sink did, and whether all of it was delivered (or the
+/// first reason one was not).
 ///
-/// The records hang off one made-up Kinesis record, `window:<shard>:<start>`, so that their
-/// idempotency keys are the same on every retry of the window's final invocation.
+/// Each record hangs off a made-up Kinesis record, `window:<shard>:<start>:<MD5 of its keys
+/// and data>`, so that its idempotency key names its content: the same on a retry, whatever
+/// the order of emission, and different for the different results of one window.
 pub(crate) async fn deliver_emitted<S: Sink>(
     sink: &S,
     emitted: Vec<UserRecord>,
     window: &TumblingWindow,
     settings: &Settings,
     deadline: Option<Instant>,
-) -> Result<u64, String> {
+) -> (SinkStats, Result<u64, String>) {
     let shard = window.shard_id.as_deref().unwrap_or("unknown");
-    let batch = Batch::new(vec![EventRecord {
-        sequence_number: format!("window:{shard}:{}", window.start).into(),
-        partition_key: ByteString::new(),
-        data: Ok(bytes::Bytes::new()),
-        approximate_arrival: None,
-        shard_id: window.shard_id.as_deref().map(Arc::from),
-        event_source_arn: window.event_source_arn.as_deref().map(Arc::from),
-    }]);
+    let key = |record: &UserRecord| {
+        use md5::{Digest, Md5};
+        let mut md5 = Md5::new();
+        for part in [
+            record.partition_key().as_bytes(),
+            record.explicit_hash_key().unwrap_or_default().as_bytes(),
+        ] {
+            md5.update((part.len() as u64).to_le_bytes());
+            md5.update(part);
+        }
+        md5.update(record.data());
+        let hex: String = md5.finalize().iter().map(|b| format!("{b:02x}")).collect();
+        format!("window:{shard}:{}:{hex}", window.start)
+    };
+    let batch = Batch::new(
+        emitted
+            .iter()
+            .map(|record| EventRecord {
+                sequence_number: key(record).into(),
+                partition_key: ByteString::new(),
+                data: Ok(bytes::Bytes::new()),
+                approximate_arrival: None,
+                shard_id: window.shard_id.as_deref().map(Arc::from),
+                event_source_arn: window.event_source_arn.as_deref().map(Arc::from),
+            })
+            .collect(),
+    );
+    let count = emitted.len();
     let (outbox, receiver) = Outbox::new(sink.limits());
-    let count = emitted.len() as u64;
-    for (n, record) in emitted.into_iter().enumerate() {
-        outbox.push(record, RecordContext::of(&batch, 0, Some(n as u64)));
+    for (index, record) in emitted.into_iter().enumerate() {
+        outbox.push(record, RecordContext::of(&batch, index, None));
     }
     outbox.close();
     let stop_at = deadline.map(|d| stop_time(d, settings.deadline_margin()));
     let floor = Floor {
-        index: Cell::new(1),
+        index: Cell::new(count),
         reason: Cell::new(None),
     };
-    Driver::new(sink, settings.sink.policy(), stop_at, &outbox, receiver)
+    let stats = Driver::new(sink, settings.sink.policy(), stop_at, &outbox, receiver)
         .run(&FloorReport(&floor))
         .await;
-    match floor.reason.take() {
-        None => Ok(count),
-        Some(reason) => Err(reason.to_string()),
-    }
+    let delivered = match floor.reason.take() {
+        None => Ok(count as u64),
+        Some(reason) => Err(format!(
+            "{}: {reason}",
+            batch.records[floor.index.get()].sequence_number
+        )),
+    };
+    (stats, delivered)
 }
 
 /// What the lanes of one batch share.

@@ -221,10 +221,10 @@ impl<T: Transform, S: Sink> Processor<T, S> {
                     let mut answer = keeper.run(step).await?;
                     if let (Some(sink), false) = (sink, answer.emitted.is_empty()) {
                         let emitted = std::mem::take(&mut answer.emitted);
-                        answer.stats.emitted =
-                            batch::deliver_emitted(sink, emitted, window, settings, deadline)
-                                .await
-                                .map_err(WindowError::Undelivered)?;
+                        let (stats, delivered) =
+                            batch::deliver_emitted(sink, emitted, window, settings, deadline).await;
+                        outcome.stats.sink.get_or_insert_default().add(&stats);
+                        answer.stats.emitted = delivered.map_err(WindowError::Undelivered)?;
                     }
                     Ok(answer)
                 };

@@ -160,8 +160,9 @@ impl WindowEnd {
     /// If the sink cannot deliver every record emitted, the invocation fails with
     /// [`WindowError::Undelivered`] and Lambda calls `close` again with the same state: a
     /// result is delivered at least once. Each record's
-    /// [`idempotency_key`](crate::transform::RecordContext::idempotency_key) is the same on
-    /// every try: `window:<shard>:<start>:<n>` for the n-th record emitted.
+    /// [`idempotency_key`](crate::transform::RecordContext::idempotency_key) names its content,
+    /// `window:<shard>:<start>:<MD5 of its keys and data>`: the same on every try, whatever the
+    /// order of emission (two identical records of one window share it).
     ///
     /// # Examples
     ///

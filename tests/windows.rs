@@ -319,7 +319,8 @@ async fn a_window_terminated_early_closes_with_its_state_and_says_so() {
 #[derive(Default)]
 struct Destination {
     refuse: std::cell::Cell<bool>,
-    keys: RefCell<Vec<String>>,
+    /// Idempotency key and data of every entry made.
+    keys: RefCell<Vec<(String, String)>>,
     delivered: RefCell<Vec<String>>,
 }
 
@@ -333,7 +334,8 @@ impl Sink for &Destination {
         }
     }
     fn entry(&self, record: UserRecord, ctx: &RecordContext) -> Result<bytes::Bytes, Error> {
-        self.keys.borrow_mut().push(ctx.idempotency_key());
+        let data = String::from_utf8(record.data().to_vec()).unwrap();
+        self.keys.borrow_mut().push((ctx.idempotency_key(), data));
         Ok(record.into_data())
     }
     fn size(&self, entry: &bytes::Bytes) -> usize {
@@ -354,8 +356,12 @@ impl Sink for &Destination {
     }
 }
 
-/// Emits one record per key of the final state, `<key>=<count>`.
-struct EmitPerKey;
+/// Emits one record per key of the final state, `<key>=<count>`: in key order, then in the
+/// reverse order on the next close, and so on.
+#[derive(Default)]
+struct EmitPerKey {
+    reverse: std::cell::Cell<bool>,
+}
 
 impl Window for EmitPerKey {
     type State = BTreeMap<String, u64>;
@@ -363,11 +369,23 @@ impl Window for EmitPerKey {
         *state.entry(record.partition_key().to_owned()).or_default() += 1;
     }
     async fn close(&self, state: Self::State, end: &WindowEnd) -> Result<(), Error> {
-        for (key, n) in state {
+        let mut results: Vec<_> = state.into_iter().collect();
+        if self.reverse.replace(!self.reverse.get()) {
+            results.reverse();
+        }
+        for (key, n) in results {
             end.emit(UserRecord::plain(&key, None, format!("{key}={n}").into()))?;
         }
         Ok(())
     }
+}
+
+/// The idempotency key of each window result among `keys` (entries whose data has a `=`).
+fn result_keys(keys: &[(String, String)]) -> BTreeMap<String, String> {
+    keys.iter()
+        .filter(|(_, data)| data.contains('='))
+        .map(|(key, data)| (data.clone(), key.clone()))
+        .collect()
 }
 
 #[tokio::test]
@@ -378,7 +396,8 @@ async fn what_close_emits_reaches_the_sink_or_the_final_invocation_fails_and_is_
         ..Settings::default()
     };
     let ok = |_: UserRecord, _: RecordContext| async { Ok::<(), Error>(()) };
-    let processor = Processor::with_sink(ok, &destination, settings).with_window(EmitPerKey);
+    let processor =
+        Processor::with_sink(ok, &destination, settings).with_window(EmitPerKey::default());
     // The final invocation's own records go to the sink too; 3 of key a, 2 of b.
     let event = EventBuilder::new()
         .plain("a", b"1")
@@ -421,21 +440,59 @@ async fn what_close_emits_reaches_the_sink_or_the_final_invocation_fails_and_is_
     }
     assert_eq!(
         *destination.delivered.borrow(),
-        ["1", "2", "3", "a=3", "b=2"]
+        ["1", "2", "3", "b=2", "a=3"]
     );
-    let keys = destination.keys.take();
-    assert_eq!(keys, keys_before);
-    let window_keys = [
-        "window:shardId-000000000000:2026-12-04T06:00:00Z:0",
-        "window:shardId-000000000000:2026-12-04T06:00:00Z:1",
-    ];
-    assert_eq!(keys[3..], window_keys);
+    // Emitted in the other order this time: each result keeps its key, and no two share one.
+    let (before, after) = (
+        result_keys(&keys_before),
+        result_keys(&destination.keys.take()),
+    );
+    assert_eq!(after, before);
+    assert_eq!(after.len(), 2);
+    let distinct: std::collections::BTreeSet<_> = after.values().collect();
+    assert_eq!(distinct.len(), 2);
+    for key in distinct {
+        assert!(
+            key.starts_with("window:shardId-000000000000:2026-12-04T06:00:00Z:"),
+            "{key}"
+        );
+    }
+    // The sink's metrics count the results too.
+    let sink = outcome.stats.sink.unwrap();
+    assert_eq!(sink.delivered_user_records, 3 + 2);
+}
+
+#[tokio::test]
+async fn the_results_of_a_window_cut_by_size_do_not_share_keys_with_its_final_result() {
+    let destination = Destination::default();
+    let settings = Settings {
+        metrics: Switch::Off,
+        window_state_max_bytes: 4,
+        ..Settings::default()
+    };
+    let ok = |_: UserRecord, _: RecordContext| async { Ok::<(), Error>(()) };
+    let processor =
+        Processor::with_sink(ok, &destination, settings).with_window(EmitPerKey::default());
+    let cut = KinesisEvent {
+        records: EventBuilder::new().plain("a", b"1").build().records,
+        window: Some(window(serde_json::json!({}), false)),
+    };
+    let outcome = processor.handle(&cut, None).await.unwrap();
+    assert_eq!(outcome.stats.window.unwrap().cut_by_size, 1);
+    let last = KinesisEvent {
+        records: EventBuilder::new().plain("z", b"2").build().records,
+        window: Some(window(serde_json::json!({}), true)),
+    };
+    processor.handle(&last, None).await.unwrap();
+    assert_eq!(*destination.delivered.borrow(), ["1", "a=1", "2", "z=1"]);
+    let keys = result_keys(&destination.keys.borrow());
+    assert_ne!(keys["a=1"], keys["z=1"]);
 }
 
 #[tokio::test]
 async fn emitting_without_a_sink_fails_the_final_invocation_with_a_clear_error() {
     let ok = |_: UserRecord, _: RecordContext| async { Ok::<(), Error>(()) };
-    let processor = Processor::new(ok, Settings::default()).with_window(EmitPerKey);
+    let processor = Processor::new(ok, Settings::default()).with_window(EmitPerKey::default());
     let last = KinesisEvent {
         records: vec![],
         window: Some(window(serde_json::json!({"a": 1}), true)),

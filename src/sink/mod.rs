@@ -318,3 +318,15 @@ pub struct SinkStats {
     /// User records not delivered: their Kinesis records are delivered again by Lambda.
     pub undelivered_user_records: u64,
 }
+
+impl SinkStats {
+    /// Adds what the sink did in `other` (a window's result, delivered after the batch).
+    pub(crate) fn add(&mut self, other: &SinkStats) {
+        self.delivered_user_records += other.delivered_user_records;
+        self.delivered_bytes += other.delivered_bytes;
+        self.requests += other.requests;
+        self.retried_entries += other.retried_entries;
+        self.throttled_entries += other.throttled_entries;
+        self.undelivered_user_records += other.undelivered_user_records;
+    }
+}
