@@ -373,6 +373,7 @@ impl Window for EmitPerKey {
         if self.reverse.replace(!self.reverse.get()) {
             results.reverse();
         }
+        end.metrics().add("ResultsEmitted", results.len() as f64);
         for (key, n) in results {
             end.emit(UserRecord::plain(&key, None, format!("{key}={n}").into()))?;
         }
@@ -432,6 +433,8 @@ async fn what_close_emits_reaches_the_sink_or_the_final_invocation_fails_and_is_
     );
     for (name, value) in [
         ("WindowRecordsEmitted", 2.0),
+        // Added by `close` to the invocation's metrics.
+        ("ResultsEmitted", 2.0),
         ("WindowsClosed", 1.0),
         ("WindowStateCutBySize", 0.0),
         ("WindowStateBytes", r#"{"a":3,"b":2}"#.len() as f64),
