@@ -394,3 +394,18 @@ fn serialize<S: Serialize>(state: &S) -> Result<State, WindowError> {
 pub(crate) fn empty_state() -> State {
     State(RawValue::from_string("{}".into()).expect("valid JSON"))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn states_are_equal_when_their_json_is() {
+        let state = |v: serde_json::Value| serialize(&v).unwrap();
+        let a = state(serde_json::json!({"a": 1}));
+        assert_eq!(a, state(serde_json::json!({"a": 1})));
+        assert_ne!(a, state(serde_json::json!({"a": 2})));
+        assert_eq!(empty_state(), state(serde_json::json!({})));
+        assert!(serialize(&[1]).is_err());
+    }
+}

@@ -231,6 +231,24 @@ async fn a_state_over_the_limit_is_closed_early_and_nothing_is_lost() {
 }
 
 #[tokio::test]
+async fn a_state_of_exactly_the_limit_is_answered_and_one_byte_more_is_cut() {
+    let ok = |_: UserRecord, _: RecordContext| async { Ok::<(), Error>(()) };
+    let state = serde_json::json!({"per_key": {"a": 1}, "bytes": 0, "seen": []});
+    let size = serde_json::to_string(&state).unwrap().len();
+    for (max, cut) in [(size, 0), (size - 1, 1)] {
+        let count = Count::default();
+        let processor = processor(ok, &count, Mode::Ordered, max);
+        let event = KinesisEvent {
+            records: vec![],
+            window: Some(window(state.clone(), false)),
+        };
+        let outcome = processor.handle(&event, None).await.unwrap();
+        assert_eq!(outcome.stats.window.unwrap().cut_by_size, cut, "{max}");
+        assert_eq!(count.closed.borrow().len() as u64, cut);
+    }
+}
+
+#[tokio::test]
 async fn a_final_invocation_with_a_failure_fails_whole_and_emits_nothing() {
     let all = records();
     let count = Count::default();

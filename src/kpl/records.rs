@@ -87,10 +87,9 @@ impl UserRecords {
     /// report (`benches/windows.rs` measures it).
     pub(crate) fn each_key(&self, mut each: impl FnMut(usize, &str, usize)) {
         match &self.source {
-            Source::One(Some(r)) if self.next < self.end => {
-                each(0, r.partition_key(), r.data().len());
-            }
-            Source::One(_) => {}
+            // Taken once given, so present only while left.
+            Source::One(Some(r)) => each(0, r.partition_key(), r.data().len()),
+            Source::One(None) => {}
             Source::Aggregate(split) => {
                 let partition_keys = &split.tables[0];
                 for record in &split.records[self.next..self.end] {

@@ -898,3 +898,25 @@ fn each_key_names_the_key_and_data_length_of_every_user_record_left() {
     one.next();
     assert!(seen(&one).is_empty());
 }
+
+#[test]
+fn lossy_keys_counts_only_the_user_records_left() {
+    let d = message(
+        &[b"\xff", b"ok"],
+        &[],
+        vec![
+            record(Some(0), None, Some(b"1")),
+            record(Some(1), None, Some(b"2")),
+            record(Some(0), None, Some(b"3")),
+        ],
+    );
+    let Ok(Deaggregated::Aggregated(mut users)) = deaggregate(d) else {
+        panic!("not an aggregate")
+    };
+    assert_eq!(users.lossy_keys(), 2);
+    users.next();
+    assert_eq!(users.lossy_keys(), 1);
+    users.next();
+    users.next();
+    assert_eq!(users.lossy_keys(), 0);
+}
