@@ -916,7 +916,42 @@ fn lossy_keys_counts_only_the_user_records_left() {
     assert_eq!(users.lossy_keys(), 2);
     users.next();
     assert_eq!(users.lossy_keys(), 1);
+    assert_eq!((users.len(), users.size_hint()), (2, (2, Some(2))));
     users.next();
     users.next();
     assert_eq!(users.lossy_keys(), 0);
+}
+
+#[test]
+fn user_records_are_equal_when_the_records_left_are_and_print_them() {
+    let agg = |data: [&'static [u8]; 2]| {
+        let d = message(
+            &[b"k"],
+            &[],
+            vec![
+                record(Some(0), None, Some(data[0])),
+                record(Some(0), None, Some(data[1])),
+            ],
+        );
+        let Ok(Deaggregated::Aggregated(users)) = deaggregate(d) else {
+            panic!("not an aggregate")
+        };
+        users
+    };
+    let (a, b) = (agg([b"1", b"2"]), agg([b"1", b"3"]));
+    assert_eq!(a, agg([b"1", b"2"]));
+    // Same length, other data.
+    assert_ne!(a, b);
+    // The same records left: equal, whatever came before.
+    let (mut a2, mut b2) = (a.clone(), agg([b"0", b"2"]));
+    a2.next();
+    b2.next();
+    assert_eq!(a2, b2);
+    assert_ne!(a2, a);
+    let printed = format!("{a2:?}");
+    assert!(
+        printed.starts_with('[') && printed.contains("\"k\""),
+        "{printed}"
+    );
+    assert_eq!(format!("{:?}", UserRecords::none()), "[]");
 }
