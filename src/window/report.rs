@@ -333,6 +333,24 @@ mod tests {
     }
 
     #[test]
+    fn a_batch_of_more_keys_than_counters_keeps_exactly_the_heaviest() {
+        // 30 keys with 1 to 30 records, arriving in several orders; 10 counters.
+        for rotation in 0..30 {
+            let mut records = Vec::new();
+            for k in (0..30).map(|k| (k + rotation) % 30 + 1) {
+                records.extend((0..k).map(|_| (format!("k{k:02}"), 1)));
+            }
+            let refs: Vec<(&str, usize)> = records.iter().map(|(k, n)| (k.as_str(), *n)).collect();
+            let state = report_of(&refs, 1);
+            let expected: Vec<KeyCount> = (21..=30)
+                .rev()
+                .map(|k| KeyCount(format!("k{k:02}"), k, 0))
+                .collect();
+            assert_eq!(state.by_records, expected, "rotation {rotation}");
+        }
+    }
+
+    #[test]
     fn a_hot_key_among_many_is_found_within_the_error_bound() {
         // 5,000 keys of 1 record each and one key with 2,000: the summary holds 10 counters.
         let mut records: Vec<(String, usize)> = (0..5_000).map(|i| (format!("k{i}"), 1)).collect();
