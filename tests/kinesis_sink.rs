@@ -9,6 +9,7 @@
 mod common;
 
 use common::servers::{kinesalite, proxy, root};
+use common::user_records_in;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::process::Stdio;
@@ -629,15 +630,7 @@ async fn a_windows_result_emitted_at_its_final_invocation_lands_in_the_stream() 
     };
     let outcome = processor.handle(&event, None).await.unwrap();
     assert!(outcome.failure.is_none());
-    let users: usize = event
-        .records
-        .iter()
-        .map(|r| {
-            kinesis_deagg::batch::unpack(r, &Settings::default())
-                .user_records
-                .len()
-        })
-        .sum();
+    let users = user_records_in(&event);
     let landed = read_all(&kinesis, "results").await;
     // The batch's own user records, then the result.
     assert_eq!(landed.len(), users + 1);

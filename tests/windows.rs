@@ -3,6 +3,8 @@
 //! the final invocation emits once, complete; a state over the size limit is closed early,
 //! losing nothing.
 
+mod common;
+
 use std::cell::RefCell;
 use std::collections::{BTreeMap, HashSet};
 use std::rc::Rc;
@@ -179,15 +181,7 @@ async fn failures_inside_aggregates_leave_the_state_as_if_there_were_none() {
     let expected = &once[0].0;
     // Independent of the window: every user record of the event, once.
     let all = records();
-    let users: usize = all
-        .records
-        .iter()
-        .map(|r| {
-            kinesis_deagg::batch::unpack(r, &Settings::default())
-                .user_records
-                .len()
-        })
-        .sum();
+    let users = common::user_records_in(&all);
     assert_eq!(expected.seen.len(), users);
     assert_eq!(expected.per_key.values().sum::<u64>(), users as u64);
 

@@ -97,3 +97,17 @@ pub fn event_json(records: Vec<Value>) -> Value {
 pub fn event(records: Vec<Value>) -> KinesisEvent {
     serde_json::from_value(event_json(records)).unwrap()
 }
+
+/// The user records of `event`, counted by unpacking each record (what a batch delivers).
+pub fn user_records_in(event: &KinesisEvent) -> usize {
+    let settings = kinesis_deagg::Settings::default();
+    event
+        .records
+        .iter()
+        .map(|r| {
+            kinesis_deagg::batch::unpack(r, &settings)
+                .user_records
+                .len()
+        })
+        .sum()
+}
