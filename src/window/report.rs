@@ -391,7 +391,9 @@ mod tests {
             report.update_all(&mut all, &users, &mut ctx);
         }
         assert_eq!(all.batch.counts.len(), 23);
+        // Equal counts, whatever the scratch holds; unequal to no counts at all.
         assert_eq!(all, each);
+        assert_ne!(all, ReportState::default());
         report.settle(&mut all);
         assert_eq!(all.user_records, 301);
         let bytes: usize = data.iter().map(|(_, d)| d.len()).sum();
