@@ -330,3 +330,23 @@ impl SinkStats {
         self.undelivered_user_records += other.undelivered_user_records;
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stats_add_field_by_field() {
+        let stats = |n: u64| SinkStats {
+            delivered_user_records: n,
+            delivered_bytes: 2 * n,
+            requests: 3 * n,
+            retried_entries: 4 * n,
+            throttled_entries: 5 * n,
+            undelivered_user_records: 6 * n,
+        };
+        let mut sum = stats(1);
+        sum.add(&stats(10));
+        assert_eq!(sum, stats(11));
+    }
+}
