@@ -2,6 +2,8 @@
 //! requests respect the limits, and the reported record is exactly the first Kinesis record
 //! with an undelivered user record, in both modes, whatever the destination does.
 
+mod common;
+
 use std::cell::RefCell;
 use std::collections::BTreeSet;
 use std::time::Duration;
@@ -499,18 +501,7 @@ async fn the_metrics_document_counts_what_the_sink_did() {
     });
     let outcome = run_with(accept, &sink, &event(6, 1), Mode::Ordered, None).await;
     assert_eq!(reported(&outcome), Some(4));
-    let dims = kinesis_deagg::metrics::Dimensions {
-        function_name: "f".into(),
-        stream_name: "s".into(),
-        shard_id: "shardId-0".into(),
-    };
-    let doc = kinesis_deagg::metrics::document(
-        "NS",
-        &dims,
-        &outcome,
-        std::time::SystemTime::now(),
-        Duration::ZERO,
-    );
+    let doc = common::metrics_document(&outcome);
     let listed: Vec<&str> = doc["_aws"]["CloudWatchMetrics"][0]["Metrics"]
         .as_array()
         .unwrap()
@@ -535,12 +526,6 @@ async fn the_metrics_document_counts_what_the_sink_did() {
         .handle(&event(2, 1), None)
         .await
         .unwrap();
-    let doc = kinesis_deagg::metrics::document(
-        "NS",
-        &dims,
-        &plain,
-        std::time::SystemTime::now(),
-        Duration::ZERO,
-    );
+    let doc = common::metrics_document(&plain);
     assert!(doc.get("SinkRequests").is_none());
 }

@@ -431,18 +431,7 @@ async fn what_close_emits_reaches_the_sink_or_the_final_invocation_fails_and_is_
     let keys_before = destination.keys.take();
     let outcome = processor.handle(&last, None).await.unwrap();
     assert!(outcome.failure.is_none());
-    let dims = kinesis_deagg::metrics::Dimensions {
-        function_name: "f".into(),
-        stream_name: "s".into(),
-        shard_id: "shardId-000000000000".into(),
-    };
-    let doc = kinesis_deagg::metrics::document(
-        "NS",
-        &dims,
-        &outcome,
-        std::time::SystemTime::now(),
-        std::time::Duration::ZERO,
-    );
+    let doc = common::metrics_document(&outcome);
     for (name, value) in [
         ("WindowRecordsEmitted", 2.0),
         // Added by `close` to the invocation's metrics.

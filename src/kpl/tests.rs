@@ -30,6 +30,15 @@ fn message(pks: &[&'static [u8]], ehks: &[&'static [u8]], records: Vec<Record>) 
     )
 }
 
+/// The user records of `d`, which must split as an aggregate.
+#[track_caller]
+fn aggregated(d: Bytes) -> UserRecords {
+    match deaggregate(d) {
+        Ok(Deaggregated::Aggregated(users)) => users,
+        other => panic!("not an aggregate: {other:?}"),
+    }
+}
+
 #[test]
 fn data_without_the_magic_is_one_plain_record() {
     for data in [&b""[..], b"x", b"{\"json\":1}", &[0xF3, 0x89, 0x9A]] {
@@ -152,9 +161,7 @@ fn a_missing_required_field_is_an_error_naming_it() {
 #[test]
 fn present_but_empty_data_is_an_empty_user_record() {
     let d = message(&[b"k"], &[], vec![record(Some(0), None, Some(b""))]);
-    let Ok(Deaggregated::Aggregated(users)) = deaggregate(d) else {
-        panic!()
-    };
+    let users = aggregated(d);
     let users: Vec<_> = users.collect();
     assert!(users[0].data().is_empty());
 }
@@ -169,9 +176,7 @@ fn a_partition_key_that_is_not_utf8_is_replaced_and_flagged() {
             record(Some(1), None, Some(b"b")),
         ],
     );
-    let Ok(Deaggregated::Aggregated(users)) = deaggregate(d) else {
-        panic!()
-    };
+    let users = aggregated(d);
     let users: Vec<_> = users.collect();
     assert!(!users[0].has_lossy_keys());
     assert_eq!(users[1].partition_key(), "bad\u{FFFD}");
@@ -190,9 +195,7 @@ fn keys_that_are_valid_only_together_are_each_replaced_and_flagged() {
             record(Some(1), Some(0), Some(b"b")),
         ],
     );
-    let Ok(Deaggregated::Aggregated(users)) = deaggregate(d) else {
-        panic!()
-    };
+    let users = aggregated(d);
     let users: Vec<_> = users.collect();
     assert_eq!(
         (users[0].partition_key(), users[0].explicit_hash_key()),
@@ -224,9 +227,7 @@ fn the_explicit_hash_key_is_reported_only_for_sub_records_that_have_one() {
             record(Some(1), None, Some(b"b")),
         ],
     );
-    let Ok(Deaggregated::Aggregated(users)) = deaggregate(d) else {
-        panic!()
-    };
+    let users = aggregated(d);
     let users: Vec<_> = users.collect();
     assert_eq!(users[0].explicit_hash_key(), Some("123"));
     // The official Python and Node modules would say "123" here.
@@ -244,9 +245,7 @@ fn the_explicit_hash_key_is_reported_only_for_sub_records_that_have_one() {
 fn user_record_data_is_a_slice_of_the_input_buffer() {
     let d = message(&[b"k"], &[], vec![record(Some(0), None, Some(b"payload"))]);
     let range = d.as_ptr_range();
-    let Ok(Deaggregated::Aggregated(users)) = deaggregate(d.clone()) else {
-        panic!()
-    };
+    let users = aggregated(d.clone());
     let users: Vec<_> = users.collect();
     assert!(range.contains(&users[0].data().as_ptr()), "data was copied");
 }
@@ -258,9 +257,7 @@ fn tags_are_decoded_and_ignored() {
         key: Some("t".into()),
         value: None,
     });
-    let Ok(Deaggregated::Aggregated(users)) = deaggregate(message(&[b"k"], &[], vec![r])) else {
-        panic!()
-    };
+    let users = aggregated(message(&[b"k"], &[], vec![r]));
     let users: Vec<_> = users.collect();
     assert_eq!(users.len(), 1);
 }
@@ -807,9 +804,7 @@ fn into_data_gives_the_payload_without_a_copy() {
     assert_eq!(&out[..], b"payload");
     assert_eq!(out.as_ptr(), data.as_ptr(), "copied");
     let d = message(&[b"k"], &[], vec![record(Some(0), None, Some(b"inside"))]);
-    let Ok(Deaggregated::Aggregated(mut users)) = deaggregate(d) else {
-        panic!()
-    };
+    let mut users = aggregated(d);
     assert_eq!(&users.next().unwrap().into_data()[..], b"inside");
 }
 
@@ -866,9 +861,7 @@ fn each_key_names_the_key_and_data_length_of_every_user_record_left() {
             record(Some(1), None, Some(b"z")),
         ],
     );
-    let Ok(Deaggregated::Aggregated(mut users)) = deaggregate(d) else {
-        panic!("not an aggregate")
-    };
+    let mut users = aggregated(d);
     assert_eq!(users.key_count(), 3);
     let seen = |users: &UserRecords| {
         let mut seen = vec![];
@@ -910,9 +903,7 @@ fn lossy_keys_counts_only_the_user_records_left() {
             record(Some(0), None, Some(b"3")),
         ],
     );
-    let Ok(Deaggregated::Aggregated(mut users)) = deaggregate(d) else {
-        panic!("not an aggregate")
-    };
+    let mut users = aggregated(d);
     assert_eq!(users.lossy_keys(), 2);
     users.next();
     assert_eq!(users.lossy_keys(), 1);
@@ -925,18 +916,14 @@ fn lossy_keys_counts_only_the_user_records_left() {
 #[test]
 fn user_records_are_equal_when_the_records_left_are_and_print_them() {
     let agg = |data: [&'static [u8]; 2]| {
-        let d = message(
+        aggregated(message(
             &[b"k"],
             &[],
             vec![
                 record(Some(0), None, Some(data[0])),
                 record(Some(0), None, Some(data[1])),
             ],
-        );
-        let Ok(Deaggregated::Aggregated(users)) = deaggregate(d) else {
-            panic!("not an aggregate")
-        };
-        users
+        ))
     };
     let (a, b) = (agg([b"1", b"2"]), agg([b"1", b"3"]));
     assert_eq!(a, agg([b"1", b"2"]));

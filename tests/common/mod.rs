@@ -111,3 +111,19 @@ pub fn user_records_in(event: &KinesisEvent) -> usize {
         })
         .sum()
 }
+
+/// The EMF metrics document of `outcome`, as the processor prints it (namespace `NS`).
+pub fn metrics_document(outcome: &kinesis_deagg::batch::BatchOutcome) -> Value {
+    let dims = kinesis_deagg::metrics::Dimensions {
+        function_name: "f".into(),
+        stream_name: "s".into(),
+        shard_id: "shardId-0".into(),
+    };
+    kinesis_deagg::metrics::document(
+        "NS",
+        &dims,
+        outcome,
+        std::time::SystemTime::now(),
+        std::time::Duration::ZERO,
+    )
+}
