@@ -184,17 +184,20 @@ MUTANTS_FILES ?= src/kpl/ src/event/ src/batch.rs src/transform.rs src/metrics.r
 MUTANTS_ARGS ?=
 # The tests each mutant is tried against: the unit tests and every integration test but
 # `memory` (its limits hold for release builds only); cross_compat needs `make deps`. The
-# doctests are left out (slow to build; what they show, the unit tests check).
-MUTANTS_TESTS := --lib $(patsubst tests/%.rs,--test %,$(filter-out tests/memory.rs,$(wildcard tests/*.rs)))
+# doctests are left out (slow to build; what they show, the unit tests check). E.g.
+# MUTANTS_TESTS="--lib --test=kpl_properties" for a quicker run on one module.
+MUTANTS_TESTS ?= --lib $(patsubst tests/%.rs,--test=%,$(filter-out tests/memory.rs,$(wildcard tests/*.rs)))
 
 .PHONY: mutants
 mutants: deps ## Mutation testing (cargo-mutants, pinned, installed if missing) of MUTANTS_FILES; results in mutants.out/. Long: not in CI.
 	@cargo mutants --version 2>/dev/null | grep -q '$(CARGO_MUTANTS_VERSION)' || \
 	  cargo install cargo-mutants --version $(CARGO_MUTANTS_VERSION) --locked
 	@# The tests must run the mutated binary, not a release build named by KINESIS_DEAGG_BIN.
-	env -u KINESIS_DEAGG_BIN cargo mutants -j 1 --timeout-multiplier 3 \
+	@# The tests go to every cargo call (-C), so that each mutant builds only them (not the
+	@# examples and the other tests), and without debug info.
+	env -u KINESIS_DEAGG_BIN CARGO_PROFILE_DEV_DEBUG=0 cargo mutants -j 1 --timeout-multiplier 3 \
 	  $(foreach f,$(MUTANTS_FILES),--file '$(f)$(if $(filter %/,$(f)),**)') $(MUTANTS_ARGS) \
-	  -- $(MUTANTS_TESTS)
+	  $(foreach t,$(MUTANTS_TESTS),-C $(t))
 
 fuzz: ## Fuzz the deaggregator, the event parser and md5_many, FUZZ_SECONDS each (cargo +nightly fuzz).
 	@cargo fuzz --version 2>/dev/null | grep -q '$(CARGO_FUZZ_VERSION)' || \

@@ -163,7 +163,9 @@ async fn a_panicking_transform_fails_its_record_not_the_runtime() {
         r#"{"batchItemFailures":[{"itemIdentifier":"2"}]}"#
     );
     assert_eq!(seen.borrow().len(), 2);
-    let StopReason::TransformPanic { message, .. } = outcome.failure.unwrap().reason else {
+    let reason = outcome.failure.unwrap().reason;
+    assert_eq!(reason.to_string(), "transform panicked: asked to panic");
+    let StopReason::TransformPanic { message, .. } = reason else {
         panic!("not a panic")
     };
     assert_eq!(message, "asked to panic");
