@@ -569,6 +569,30 @@ async fn the_concurrent_mode_starts_nothing_more_of_the_reported_record() {
     );
 }
 
+/// Two user records of one Kinesis record fail side by side, the first one first: the reason
+/// given is the first failure's, not the later one's.
+#[tokio::test(start_paused = true)]
+async fn the_concurrent_mode_gives_the_first_failure_of_the_reported_record() {
+    let e = event(vec![aggregate(
+        "1",
+        &[("a", b"10"), ("b", b"20"), ("c", b"ok")],
+    )]);
+    let transform = |r: UserRecord, _: RecordContext| async move {
+        let Ok(ms) = std::str::from_utf8(r.data()).unwrap().parse() else {
+            return Ok(());
+        };
+        tokio::time::sleep(Duration::from_millis(ms)).await;
+        Err::<(), Error>(format!("failed after {ms} ms").into())
+    };
+    let outcome = batch::process(&e.records, &transform, &concurrent(), None).await;
+    let failure = outcome.failure.unwrap();
+    assert_eq!(failure.index, 0);
+    assert_eq!(
+        failure.reason.to_string(),
+        "transform failed on user record 0: failed after 10 ms"
+    );
+}
+
 /// A KPL aggregate with any bytes as partition keys: `(key index, data)` per user record,
 /// encoded by hand (our aggregator takes only valid keys).
 fn aggregate_of_raw_keys(seq: &str, keys: &[&[u8]], users: &[(u8, &[u8])]) -> serde_json::Value {
