@@ -318,6 +318,24 @@ fn the_aggregator_fills_to_exactly_its_limit() {
     assert!(agg.add("k", None, vec![0; fits + 1]).is_err());
 }
 
+#[test]
+fn the_default_aggregator_fills_one_mebibyte_and_counts_its_records() {
+    let mut agg = Aggregator::new();
+    let mut added = 0;
+    let finished = loop {
+        if let Some(r) = agg.add("k", None, [7u8; 1024]).unwrap() {
+            break r;
+        }
+        added += 1;
+        assert_eq!(agg.len(), added);
+    };
+    assert_eq!(finished.user_records, added);
+    // Full to within one user record: the one that did not fit starts the next aggregate.
+    let size = finished.data.len() + finished.partition_key.len();
+    assert!(size <= 1 << 20 && size > (1 << 20) - 1100, "{size}");
+    assert_eq!(agg.len(), 1);
+}
+
 /// The in-place reader (`wire.rs`) against prost on the same bytes: both accept or both
 /// reject, and what they accept reads the same.
 mod wire_matches_prost {
