@@ -464,6 +464,9 @@ async fn what_close_emits_reaches_the_sink_or_the_final_invocation_fails_and_is_
     // The sink's metrics count the results too.
     let sink = outcome.stats.sink.unwrap();
     assert_eq!(sink.delivered_user_records, 3 + 2);
+    // Entries in no order (the default `order_key`) share requests, of at most 2 here: the
+    // three user records in two, the two results in one.
+    assert_eq!(sink.requests, 2 + 1);
 }
 
 #[tokio::test]

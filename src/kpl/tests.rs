@@ -319,6 +319,31 @@ fn the_aggregator_fills_to_exactly_its_limit() {
 }
 
 #[test]
+fn a_second_record_that_fills_the_aggregate_exactly_joins_it() {
+    let limit = 1000;
+    // The aggregator after a small record and one of `n` bytes, and what the second finished.
+    let two = |n: usize| {
+        let mut agg = Aggregator::with_max_size(limit).unwrap();
+        assert!(agg.add("k", None, b"first").unwrap().is_none());
+        let finished = agg.add("k", None, vec![0; n]);
+        (agg, finished)
+    };
+    let n = (0..limit)
+        .rev()
+        .find(|&n| matches!(two(n).1, Ok(None)))
+        .unwrap();
+    let (mut agg, _) = two(n);
+    assert_eq!((agg.len(), agg.size()), (2, limit));
+    let r = agg.finish().unwrap();
+    assert_eq!(r.data.len() + r.partition_key.len(), limit);
+    assert_eq!(agg.size(), 0);
+    // One byte more, and the second record starts the next aggregate.
+    let (agg, finished) = two(n + 1);
+    assert_eq!(finished.unwrap().unwrap().user_records, 1);
+    assert_eq!(agg.len(), 1);
+}
+
+#[test]
 fn the_default_aggregator_fills_one_mebibyte_and_counts_its_records() {
     let mut agg = Aggregator::new();
     let mut added = 0;
