@@ -102,8 +102,8 @@ impl<'a> Deaggregating<'a> {
         }
     }
 
-    /// Alone: the verdicts of the next [`HASH_AHEAD`] aggregates, side by side. False when
-    /// every aggregate is hashed.
+    /// Alone: the verdicts of the next [`HASH_AHEAD`] aggregates, side by side. False with a
+    /// helper, which computes them.
     fn hash_ahead(&mut self) -> bool {
         let Some((parts, hashed)) = &mut self.unhashed else {
             return false;
@@ -120,7 +120,7 @@ impl<'a> Deaggregating<'a> {
             true
         });
         *hashed = to;
-        from < to
+        true
     }
 
     /// The checksums of `parts` (the records' [`Aggregates`]) verified and the work shared
@@ -529,5 +529,80 @@ mod tests {
             .filter(|&i| matches!(all[i], Ok(Deaggregated::ChecksumMismatch(_))))
             .collect();
         assert_eq!(mismatches, [0, 63, 64, 127, 128, 149]);
+    }
+
+    /// A helper whose thread runs `f` and ends, having sent nothing and claimed nothing.
+    fn idle_helper(f: impl FnOnce() + Send + 'static) -> Helper {
+        let (inputs, _) = mpsc::channel();
+        let (sender, messages) = mpsc::channel::<Message>();
+        let thread = std::thread::spawn(move || {
+            let _sender = sender;
+            f()
+        });
+        Helper {
+            inputs,
+            messages,
+            shared: Arc::new(Shared {
+                unclaimed: Mutex::new(0..0),
+                stop: AtomicBool::new(false),
+            }),
+            thread: Some(thread),
+        }
+    }
+
+    #[test]
+    fn a_batch_that_is_what_was_pushed_is_not_hashed_again() {
+        let records = batch();
+        let mut verifier = Verifier::started();
+        for r in &records {
+            verifier.push(r);
+        }
+        let helper = verifier.helper.take().unwrap();
+        let each = Deaggregating::with_helper(
+            &records,
+            Aggregates::of(&records),
+            helper,
+            &verifier.pushed,
+        );
+        // Each digest awaited is one pushed, about its record; none was asked for again.
+        let expected: Vec<_> = (0..records.len()).map(Some).collect();
+        assert_eq!(each.record_of, expected);
+    }
+
+    #[test]
+    fn a_record_is_split_by_whoever_claims_it_first() {
+        let records = batch();
+        let each =
+            Deaggregating::with_helper(&records, Aggregates::of(&records), idle_helper(|| ()), &[]);
+        let shared = &each.helper.as_ref().unwrap().shared;
+        assert_eq!(shared.claim_back(), Some(149));
+        assert!(!each.claim(149), "the helper's");
+        assert!(!each.claim(1), "not the first unclaimed");
+        assert!(each.claim(0));
+        assert!(!each.claim(0), "claimed already");
+        assert_eq!(each.claim_front(), Some(1));
+    }
+
+    #[test]
+    fn a_helper_that_ends_early_leaves_mismatches_and_its_panic_is_raised_here() {
+        let records = batch();
+        let each =
+            Deaggregating::with_helper(&records, Aggregates::of(&records), idle_helper(|| ()), &[]);
+        // No verdict will come: each aggregate is a mismatch, the safe side.
+        assert!(
+            each.take(3)
+                .all(|r| matches!(r, Ok(Deaggregated::ChecksumMismatch(_))))
+        );
+        let mut each = Deaggregating::with_helper(
+            &records,
+            Aggregates::of(&records),
+            idle_helper(|| panic!("a bug in the helper")),
+            &[],
+        );
+        let panic = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| each.next()));
+        assert_eq!(
+            panic.unwrap_err().downcast_ref::<&str>(),
+            Some(&"a bug in the helper")
+        );
     }
 }
