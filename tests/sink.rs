@@ -362,6 +362,19 @@ async fn outputs_can_be_the_same_record_new_data_another_record_or_nothing() {
     let outcome = run_with(transform, &sink, &event(4, 1), Mode::Ordered, None).await;
     assert_eq!(reported(&outcome), None);
     assert_eq!(sink.delivered(), ["0.0", "one", "two"]);
+
+    // The same, as the plain values a transform returns: a record, or an `Option` of one.
+    let transform = |r: UserRecord, _: RecordContext| async move {
+        Ok::<_, Error>(match &r.data()[..] {
+            b"0.0" => Some(UserRecord::plain("other", None, "zero".into())),
+            b"1.0" => None,
+            _ => Some(r),
+        })
+    };
+    let sink = Scripted::new();
+    let outcome = run_with(transform, &sink, &event(4, 1), Mode::Ordered, None).await;
+    assert_eq!(reported(&outcome), None);
+    assert_eq!(sink.delivered(), ["zero", "2.0", "3.0"]);
 }
 
 #[tokio::test(start_paused = true)]

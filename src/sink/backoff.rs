@@ -78,4 +78,21 @@ mod tests {
         b.reset();
         assert!(b.next_wait() < base);
     }
+
+    #[test]
+    fn waits_are_uniform_below_the_ceiling() {
+        // The cap at the base: every ceiling is one second.
+        let second = Duration::from_secs(1);
+        let mut b = Backoff::new(second, second);
+        let mut tenths = [0usize; 10];
+        for _ in 0..10_000 {
+            tenths[(b.next_wait().as_secs_f64() * 10.0) as usize] += 1;
+        }
+        // 1,000 in each tenth, give or take 150: five standard deviations (30) of a uniform
+        // source.
+        assert!(
+            tenths.iter().all(|&n| n.abs_diff(1_000) < 150),
+            "{tenths:?}"
+        );
+    }
 }
