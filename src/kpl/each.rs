@@ -291,7 +291,6 @@ fn work(inputs: &mpsc::Receiver<Input>, send: &mpsc::Sender<Message>, shared: &S
     let (mut sent, mut batch) = (0, None);
     let mut next = |wait| {
         let input = match wait {
-            _ if batch.is_some() => return Next::End,
             true => inputs.recv().ok(),
             false => match inputs.try_recv() {
                 Err(mpsc::TryRecvError::Empty) => return Next::NotYet,
@@ -567,6 +566,23 @@ mod tests {
         // Each digest awaited is one pushed, about its record; none was asked for again.
         let expected: Vec<_> = (0..records.len()).map(Some).collect();
         assert_eq!(each.record_of, expected);
+    }
+
+    #[test]
+    fn the_helper_splits_from_the_back_once_the_checks_are_sent() {
+        let records = batch();
+        let helper = Helper::spawn().unwrap();
+        let mut each = Deaggregating::with_helper(&records, Aggregates::of(&records), helper, &[]);
+        // This thread takes nothing: the helper claims and splits every record.
+        let waited = std::time::Instant::now();
+        while each.split.iter().any(Option::is_none) {
+            assert!(waited.elapsed().as_secs() < 60, "the helper split nothing");
+            std::thread::sleep(std::time::Duration::from_millis(1));
+            each.receive(false);
+        }
+        assert!(each.verdicts.iter().all(Option::is_some));
+        let expected: Vec<_> = records.iter().map(|r| deaggregate(r.clone())).collect();
+        assert_eq!(each.collect::<Vec<_>>(), expected);
     }
 
     #[test]

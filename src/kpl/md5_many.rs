@@ -84,6 +84,7 @@ pub(crate) enum Next<M> {
 /// `next(wait)` is asked for a message whenever a lane is free (and every 64 blocks while
 /// one is), waiting for one only when every lane is free: so messages that come one by one
 /// (aggregates as an event is read) join those under way rather than waiting for them.
+/// Once `next` says [`Next::End`], it is not asked again.
 pub(crate) fn md5_stream<M: AsRef<[u8]>>(
     next: &mut dyn FnMut(bool) -> Next<M>,
     done: &mut dyn FnMut(usize, [u8; 16]) -> bool,
@@ -657,15 +658,16 @@ mod tests {
         kernel: impl Fn(&mut dyn FnMut(bool) -> Next<&'a [u8]>, &mut dyn FnMut(usize, [u8; 16]) -> bool),
     ) -> Vec<[u8; 16]> {
         let mut backwards = (0..messages.len()).rev();
-        let mut asked = 0;
+        let (mut asked, mut ended) = (0, false);
         let mut next = |wait: bool| {
+            assert!(!ended, "asked again after the end");
             asked += 1;
             if !wait && asked % 3 != 0 {
                 return Next::NotYet;
             }
-            backwards
-                .next()
-                .map_or(Next::End, |i| Next::Message(i, messages[i]))
+            let next = backwards.next();
+            ended = next.is_none();
+            next.map_or(Next::End, |i| Next::Message(i, messages[i]))
         };
         collect(messages.len(), |done| kernel(&mut next, done))
     }
@@ -678,6 +680,8 @@ mod tests {
         assert_eq!(md5_many(&refs), expected);
         let each = collect(refs.len(), |done| md5_each(&refs, done));
         assert_eq!(each, expected);
+        #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
+        assert_eq!(coming_late(&refs, one_at_a_time), expected);
         #[cfg(target_arch = "x86_64")]
         {
             if is_x86_feature_detected!("avx2") {

@@ -562,3 +562,36 @@ enum Round {
     SomeRefused,
     Stop,
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// After each of `n` pushes of `pk` and `data` bytes: whether a request was waiting.
+    fn waiting_after(limits: Limits, n: usize, pk: &str, data: &[u8]) -> Vec<bool> {
+        let (outbox, _receiver) = Outbox::new(limits);
+        (0..n)
+            .map(|_| {
+                let record = UserRecord::plain(pk, None, bytes::Bytes::copy_from_slice(data));
+                assert!(outbox.push(record, RecordContext::new("1")));
+                outbox.request_waiting()
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_request_is_waiting_once_a_full_one_was_pushed_by_bytes_or_by_records() {
+        let limits = |max_entries, max_request_bytes| Limits {
+            max_entries,
+            max_request_bytes,
+            max_entry_bytes: max_request_bytes,
+        };
+        // 12 bytes a push (data and key): the 9th reaches 100, the 18th 100 again.
+        let by_bytes = waiting_after(limits(1_000, 100), 18, "pk", &[0; 10]);
+        let at: Vec<_> = (0..18).filter(|&i| by_bytes[i]).map(|i| i + 1).collect();
+        assert_eq!(at, [9, 18]);
+        let by_records = waiting_after(limits(4, 1 << 20), 8, "pk", b"x");
+        let at: Vec<_> = (0..8).filter(|&i| by_records[i]).map(|i| i + 1).collect();
+        assert_eq!(at, [4, 8]);
+    }
+}
