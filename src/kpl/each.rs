@@ -586,6 +586,22 @@ mod tests {
     }
 
     #[test]
+    fn a_stopped_helper_ends_at_its_next_digest() {
+        let (inputs, their_inputs) = mpsc::channel();
+        let (their_messages, messages) = mpsc::channel();
+        for _ in 0..100 {
+            inputs.send(Input::Hash(vec![7; 1000].into())).unwrap();
+        }
+        drop(inputs);
+        let shared = Shared {
+            unclaimed: Mutex::new(0..0),
+            stop: AtomicBool::new(true),
+        };
+        work(&their_inputs, &their_messages, &shared);
+        assert_eq!(messages.try_iter().count(), 1);
+    }
+
+    #[test]
     fn a_record_is_split_by_whoever_claims_it_first() {
         let records = batch();
         let each =
