@@ -230,21 +230,24 @@ async fn every_accepted_user_record_is_delivered_once_in_order_in_full_requests(
 
 #[tokio::test(start_paused = true)]
 async fn throttled_entries_alone_are_sent_again_until_delivered() {
-    // "1.1" and "3.0" are throttled twice.
-    let sink = Scripted::new().entries(|d, attempt| match d {
-        b"1.1" | b"3.0" if attempt <= 2 => Fate::Throttle,
-        _ => Fate::Deliver,
-    });
-    let outcome = run_with(accept, &sink, &event(4, 2), Mode::Ordered, None).await;
-    assert_eq!(reported(&outcome), None);
-    let delivered = sink.delivered();
-    assert_eq!(delivered.len(), 8, "{delivered:?}");
-    assert_eq!(delivered.iter().collect::<BTreeSet<_>>().len(), 8);
-    let attempts = sink.attempts.borrow();
-    assert_eq!(attempts[&b"1.1"[..]], 3);
-    assert_eq!(attempts[&b"0.0"[..]], 1);
-    let stats = outcome.stats.sink.unwrap();
-    assert_eq!((stats.throttled_entries, stats.retried_entries), (4, 4));
+    // Without a deadline, and with one far enough for every back-off.
+    for deadline in [None, Some(Duration::from_secs(60))] {
+        // "1.1" and "3.0" are throttled twice.
+        let sink = Scripted::new().entries(|d, attempt| match d {
+            b"1.1" | b"3.0" if attempt <= 2 => Fate::Throttle,
+            _ => Fate::Deliver,
+        });
+        let outcome = run_with(accept, &sink, &event(4, 2), Mode::Ordered, deadline).await;
+        assert_eq!(reported(&outcome), None, "{deadline:?}");
+        let delivered = sink.delivered();
+        assert_eq!(delivered.len(), 8, "{delivered:?}");
+        assert_eq!(delivered.iter().collect::<BTreeSet<_>>().len(), 8);
+        let attempts = sink.attempts.borrow();
+        assert_eq!(attempts[&b"1.1"[..]], 3);
+        assert_eq!(attempts[&b"0.0"[..]], 1);
+        let stats = outcome.stats.sink.unwrap();
+        assert_eq!((stats.throttled_entries, stats.retried_entries), (4, 4));
+    }
 }
 
 #[tokio::test(start_paused = true)]
