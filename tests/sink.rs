@@ -11,7 +11,9 @@ use std::time::Duration;
 use kinesis_deagg::batch::{BatchOutcome, Mode, StopReason};
 use kinesis_deagg::event::KinesisEvent;
 use kinesis_deagg::kpl::UserRecord;
-use kinesis_deagg::sink::{EntryOutcome, Limits, SendError, SendErrorKind, Sink};
+use kinesis_deagg::sink::{
+    EntryOutcome, Limits, Pack, Position, SendError, SendErrorKind, Sink, Staged,
+};
 use kinesis_deagg::testing::EventBuilder;
 use kinesis_deagg::transform::{Error, Output, RecordContext};
 use kinesis_deagg::{Processor, Settings};
@@ -32,6 +34,8 @@ enum RequestFate {
     Permanent,
     /// Never answers.
     Hang,
+    /// Answers after this long.
+    Late(Duration),
 }
 
 /// The script for entries: the fate of an attempt (1, 2, ...) at the entry with this data.
@@ -137,6 +141,7 @@ impl Sink for &Scripted {
                 return Err(SendError::new(SendErrorKind::Permanent, "ResourceNotFound"));
             }
             RequestFate::Hang => std::future::pending::<()>().await,
+            RequestFate::Late(wait) => tokio::time::sleep(wait).await,
         }
         let mut outcomes = Vec::new();
         for (key, e) in entries {
@@ -226,6 +231,17 @@ async fn every_accepted_user_record_is_delivered_once_in_order_in_full_requests(
         (stats.retried_entries, stats.undelivered_user_records),
         (0, 0)
     );
+
+    // A transform that yields after each user record: the driver, running beside it, still
+    // waits for full requests.
+    let yielding = |_: UserRecord, _: RecordContext| async {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        Ok::<(), Error>(())
+    };
+    let sink = Scripted::new();
+    let outcome = run_with(yielding, &sink, &event(5, 3), Mode::Ordered, None).await;
+    assert_eq!(reported(&outcome), None);
+    assert_eq!(*sink.requests.borrow(), [4, 4, 4, 3]);
 }
 
 #[tokio::test(start_paused = true)]
@@ -237,8 +253,11 @@ async fn throttled_entries_alone_are_sent_again_until_delivered() {
             b"1.1" | b"3.0" if attempt <= 2 => Fate::Throttle,
             _ => Fate::Deliver,
         });
+        let started = tokio::time::Instant::now();
         let outcome = run_with(accept, &sink, &event(4, 2), Mode::Ordered, deadline).await;
         assert_eq!(reported(&outcome), None, "{deadline:?}");
+        // Each round of retries waits its back-off first.
+        assert!(started.elapsed() > Duration::ZERO);
         let delivered = sink.delivered();
         assert_eq!(delivered.len(), 8, "{delivered:?}");
         assert_eq!(delivered.iter().collect::<BTreeSet<_>>().len(), 8);
@@ -382,7 +401,9 @@ async fn outputs_can_be_the_same_record_new_data_another_record_or_nothing() {
 
 #[tokio::test(start_paused = true)]
 async fn a_transform_failure_keeps_what_came_before_it_delivered() {
+    // It yields on each user record, so that the driver takes each one as it comes.
     let transform = |r: UserRecord, _: RecordContext| async move {
+        tokio::time::sleep(Duration::from_millis(1)).await;
         if &r.data()[..] == b"3.1" {
             Err("bad")
         } else {
@@ -398,6 +419,13 @@ async fn a_transform_failure_keeps_what_came_before_it_delivered() {
             for j in 0..2 {
                 assert!(delivered.contains(&format!("{i}.{j}")), "{mode:?}");
             }
+        }
+        if mode == Mode::Ordered {
+            // "3.0", accepted but still held when "3.1" failed, is not sent: Lambda delivers
+            // record 3 again.
+            assert!(!delivered.contains("3.0"));
+            let stats = outcome.stats.sink.unwrap();
+            assert_eq!(stats.undelivered_user_records, 1);
         }
     }
 }
@@ -544,4 +572,121 @@ async fn the_metrics_document_counts_what_the_sink_did() {
         .unwrap();
     let doc = common::metrics_document(&plain);
     assert!(doc.get("SinkRequests").is_none());
+}
+
+#[tokio::test(start_paused = true)]
+async fn nothing_is_sent_after_the_stop_time() {
+    // The deadline 10 s away: the stop time is one margin (1 s) before it, and the first
+    // request is answered exactly then (within its 10 s timeout).
+    let sink = Scripted::new().requests(|n| match n {
+        0 => RequestFate::Late(Duration::from_secs(9)),
+        _ => RequestFate::Answer,
+    });
+    let deadline = Some(Duration::from_secs(10));
+    let outcome = run_with(accept, &sink, &event(8, 1), Mode::Ordered, deadline).await;
+    assert_eq!(*sink.requests.borrow(), [4]);
+    assert_eq!(sink.delivered().len(), 4);
+    assert_eq!(reported(&outcome), Some(4));
+    let reason = outcome.failure.unwrap().reason.to_string();
+    assert!(reason.contains("before it was sent"), "{reason}");
+}
+
+/// `Scripted`, with a packer that fails as `fates` say, one after another, then works.
+struct Unready<'a> {
+    inner: &'a Scripted,
+    fates: RefCell<std::collections::VecDeque<SendErrorKind>>,
+    packers: std::cell::Cell<usize>,
+}
+
+impl<'a> Unready<'a> {
+    fn new(inner: &'a Scripted, fates: &[SendErrorKind]) -> Self {
+        Unready {
+            inner,
+            fates: RefCell::new(fates.iter().copied().collect()),
+            packers: Default::default(),
+        }
+    }
+}
+
+/// One entry per user record, as the default packer makes them.
+struct OneEach<'a>(&'a Scripted);
+
+impl Pack<Entry> for OneEach<'_> {
+    fn add(
+        &mut self,
+        record: UserRecord,
+        context: &RecordContext,
+        ready: &mut Vec<Staged<Entry>>,
+    ) -> Result<(), Error> {
+        ready.push(Staged {
+            entry: Sink::entry(&self.0, record, context)?,
+            first: Position::of(context),
+            user_records: 1,
+        });
+        Ok(())
+    }
+}
+
+impl Sink for &Unready<'_> {
+    type Entry = Entry;
+
+    fn limits(&self) -> Limits {
+        self.inner.limits
+    }
+
+    fn entry(&self, record: UserRecord, context: &RecordContext) -> Result<Entry, Error> {
+        Sink::entry(&self.inner, record, context)
+    }
+
+    fn size(&self, entry: &Entry) -> usize {
+        Sink::size(&self.inner, entry)
+    }
+
+    async fn send(&self, entries: &[Entry]) -> Result<Vec<EntryOutcome>, SendError> {
+        Sink::send(&self.inner, entries).await
+    }
+
+    async fn packer(&self) -> Result<Box<dyn Pack<Entry> + '_>, SendError> {
+        self.packers.set(self.packers.get() + 1);
+        match self.fates.borrow_mut().pop_front() {
+            Some(kind) => Err(SendError::new(kind, "not ready")),
+            None => Ok(Box::new(OneEach(self.inner))),
+        }
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_sink_that_cannot_start_is_retried_if_transient_and_given_up_if_not() {
+    use SendErrorKind::{Permanent, Throttled};
+    let settings = Settings {
+        metrics: kinesis_deagg::settings::Switch::Off,
+        ..Settings::default()
+    };
+    let attempts = settings.sink.max_attempts as usize;
+    // Fails twice, then starts: everything is delivered, after two back-offs.
+    // Fails for good at once, or transiently every time: the first record is reported.
+    for (fates, packers, delivered) in [
+        (vec![Throttled; 2], 3, true),
+        (vec![Permanent], 1, false),
+        (vec![Throttled; 100], attempts, false),
+    ] {
+        let scripted = Scripted::new();
+        let sink = Unready::new(&scripted, &fates);
+        let started = tokio::time::Instant::now();
+        let deadline = Some(started.into_std() + Duration::from_secs(600));
+        let outcome = Processor::with_sink(accept, &sink, settings.clone())
+            .handle(&event(3, 1), deadline)
+            .await
+            .unwrap();
+        assert_eq!(sink.packers.get(), packers, "{fates:?}");
+        if delivered {
+            assert_eq!(reported(&outcome), None);
+            assert_eq!(scripted.delivered(), ["0.0", "1.0", "2.0"]);
+            assert!(started.elapsed() > Duration::ZERO);
+        } else {
+            assert_eq!(reported(&outcome), Some(0), "{fates:?}");
+            let reason = outcome.failure.unwrap().reason.to_string();
+            assert!(reason.contains("could not start"), "{reason}");
+        }
+    }
 }
