@@ -232,16 +232,32 @@ async fn every_accepted_user_record_is_delivered_once_in_order_in_full_requests(
         (0, 0)
     );
 
-    // A transform that yields after each user record: the driver, running beside it, still
-    // waits for full requests.
-    let yielding = |_: UserRecord, _: RecordContext| async {
-        tokio::time::sleep(Duration::from_millis(1)).await;
-        Ok::<(), Error>(())
-    };
-    let sink = Scripted::new();
-    let outcome = run_with(yielding, &sink, &event(5, 3), Mode::Ordered, None).await;
-    assert_eq!(reported(&outcome), None);
-    assert_eq!(*sink.requests.borrow(), [4, 4, 4, 3]);
+    // A transform that yields on each user record: the driver, running beside it, sends each
+    // request as soon as it is full (by entries, or by bytes: 3 entries of 3 bytes in 9),
+    // and not before.
+    for (max_entries, max_request_bytes, requests) in [
+        (4, 1 << 20, &[4, 4, 4, 3][..]),
+        (100, 9, &[3, 3, 3, 3, 3][..]),
+    ] {
+        let mut sink = Scripted::new();
+        sink.limits.max_entries = max_entries;
+        sink.limits.max_request_bytes = max_request_bytes;
+        let sent_before_last = std::cell::Cell::new(None);
+        let yielding = |r: UserRecord, _: RecordContext| {
+            if &r.data()[..] == b"4.2" {
+                sent_before_last.set(Some(sink.requests.borrow().len()));
+            }
+            async {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+                Ok::<(), Error>(())
+            }
+        };
+        let outcome = run_with(yielding, &sink, &event(5, 3), Mode::Ordered, None).await;
+        assert_eq!(reported(&outcome), None);
+        assert_eq!(*sink.requests.borrow(), requests);
+        // The 14 user records before the last filled every request but the last.
+        assert_eq!(sent_before_last.get(), Some(requests.len() - 1));
+    }
 }
 
 #[tokio::test(start_paused = true)]
