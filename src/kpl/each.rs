@@ -33,7 +33,7 @@ use super::{DeaggError, Deaggregated, checksum_parts, finish};
 
 type Outcome = Result<Deaggregated, DeaggError>;
 
-struct Deaggregating<'a> {
+pub(crate) struct Deaggregating<'a> {
     records: &'a [Bytes],
     /// The next record to give.
     next: usize,
@@ -403,7 +403,7 @@ impl Verifier {
         self,
         records: &[Bytes],
         verify_checksum: bool,
-    ) -> impl Iterator<Item = Outcome> + '_ {
+    ) -> Deaggregating<'_> {
         if !verify_checksum {
             return Deaggregating::alone(records, None);
         }
@@ -599,6 +599,42 @@ mod tests {
         };
         work(&their_inputs, &their_messages, &shared);
         assert_eq!(messages.try_iter().count(), 1);
+    }
+
+    /// An aggregate of one user record of `n` bytes: a protobuf of a little more than `n`.
+    fn aggregate(n: usize) -> Bytes {
+        let mut agg = Aggregator::new();
+        agg.add("k", None, vec![1; n]).unwrap();
+        agg.finish().unwrap().data
+    }
+
+    #[test]
+    fn aggregates_pushed_start_the_helper_once_they_add_up_to_64_kib() {
+        let mut verifier = Verifier::default();
+        // Plain data is not pushed, whatever its size.
+        verifier.push(&Bytes::from(vec![0; 100_000]));
+        let mut bytes = 0;
+        for _ in 0..100 {
+            let record = aggregate(1000);
+            verifier.push(&record);
+            bytes += body_of(&record).unwrap().len();
+            let started = spare_core() && bytes >= 64 * 1024;
+            assert_eq!(verifier.helper.is_some(), started, "after {bytes} bytes");
+        }
+        assert_eq!(verifier.pushed.len(), 100);
+    }
+
+    #[test]
+    fn a_batch_gets_a_helper_from_64_kib_of_aggregates() {
+        // 60 and 70 aggregates of a little more than 1,000 bytes: below and above 64 KiB.
+        for (n, helped) in [(60, false), (70, true)] {
+            let records: Vec<Bytes> = (0..n).map(|_| aggregate(1000)).collect();
+            let each = Verifier::default().deaggregate_each(&records, true);
+            assert_eq!(each.helper.is_some(), helped && spare_core(), "{n}");
+            // Unchecked, nothing is hashed.
+            let unchecked = Verifier::default().deaggregate_each(&records, false);
+            assert!(unchecked.helper.is_none());
+        }
     }
 
     #[test]
