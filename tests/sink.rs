@@ -36,6 +36,8 @@ enum RequestFate {
     Hang,
     /// Answers after this long.
     Late(Duration),
+    /// Answers for every entry but the last.
+    Short,
 }
 
 /// The script for entries: the fate of an attempt (1, 2, ...) at the entry with this data.
@@ -132,8 +134,13 @@ impl Sink for &Scripted {
             r.push(entries.len());
             r.len() - 1
         };
-        match (self.request_fate)(n) {
-            RequestFate::Answer => {}
+        let fate = (self.request_fate)(n);
+        let answered = match fate {
+            RequestFate::Short => &entries[..entries.len() - 1],
+            _ => entries,
+        };
+        match fate {
+            RequestFate::Answer | RequestFate::Short => {}
             RequestFate::Throttled => {
                 return Err(SendError::new(SendErrorKind::Throttled, "Throttling"));
             }
@@ -144,7 +151,7 @@ impl Sink for &Scripted {
             RequestFate::Late(wait) => tokio::time::sleep(wait).await,
         }
         let mut outcomes = Vec::new();
-        for (key, e) in entries {
+        for (key, e) in answered {
             let attempt = {
                 let mut a = self.attempts.borrow_mut();
                 let n = a.entry(e.clone()).or_default();
@@ -231,6 +238,11 @@ async fn every_accepted_user_record_is_delivered_once_in_order_in_full_requests(
         (stats.retried_entries, stats.undelivered_user_records),
         (0, 0)
     );
+    // Full by bytes: 3 entries of 3 bytes in 9, however many wait.
+    let mut sink = Scripted::new();
+    sink.limits.max_request_bytes = 9;
+    run_with(accept, &sink, &event(5, 3), Mode::Ordered, None).await;
+    assert_eq!(*sink.requests.borrow(), [3, 3, 3, 3, 3]);
 
     // A transform that yields on each user record: the driver, running beside it, sends each
     // request as soon as it is full (by entries, or by bytes: 3 entries of 3 bytes in 9),
@@ -588,6 +600,21 @@ async fn the_metrics_document_counts_what_the_sink_did() {
         .unwrap();
     let doc = common::metrics_document(&plain);
     assert!(doc.get("SinkRequests").is_none());
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_response_that_does_not_answer_every_entry_fails_the_request_which_is_sent_again() {
+    let sink = Scripted::new().requests(|n| match n {
+        0 => RequestFate::Short,
+        _ => RequestFate::Answer,
+    });
+    let outcome = run_with(accept, &sink, &event(6, 1), Mode::Ordered, None).await;
+    assert_eq!(reported(&outcome), None);
+    // The three answered in the short response are delivered twice: at least once.
+    let delivered: BTreeSet<String> = sink.delivered().into_iter().collect();
+    assert_eq!(delivered.len(), 6);
+    assert_eq!(*sink.requests.borrow(), [4, 4, 2]);
+    assert_eq!(outcome.stats.sink.unwrap().retried_entries, 4);
 }
 
 #[tokio::test(start_paused = true)]
