@@ -618,6 +618,27 @@ async fn a_response_that_does_not_answer_every_entry_fails_the_request_which_is_
 }
 
 #[tokio::test(start_paused = true)]
+async fn an_entry_over_the_destinations_limit_is_undelivered_and_one_at_it_is_sent() {
+    let transform = |r: UserRecord, _: RecordContext| async move {
+        Ok::<_, Error>(match &r.data()[..] {
+            b"1.0" => Output::Data("12345".into()),
+            b"2.0" => Output::Data("123456".into()),
+            _ => Output::Same,
+        })
+    };
+    let mut sink = Scripted::new();
+    sink.limits.max_entry_bytes = 5;
+    let outcome = run_with(transform, &sink, &event(3, 1), Mode::Ordered, None).await;
+    assert_eq!(sink.delivered(), ["0.0", "12345"]);
+    assert_eq!(reported(&outcome), Some(2));
+    let reason = outcome.failure.unwrap().reason.to_string();
+    assert!(
+        reason.contains("over the destination's limit of 5"),
+        "{reason}"
+    );
+}
+
+#[tokio::test(start_paused = true)]
 async fn nothing_is_sent_after_the_stop_time() {
     // The deadline 10 s away: the stop time is one margin (1 s) before it, and the first
     // request is answered exactly then (within its 10 s timeout).
