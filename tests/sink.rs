@@ -282,8 +282,15 @@ async fn throttled_entries_alone_are_sent_again_until_delivered() {
             _ => Fate::Deliver,
         });
         let started = tokio::time::Instant::now();
+        let (logs, guard) = common::capture_logs();
         let outcome = run_with(accept, &sink, &event(4, 2), Mode::Ordered, deadline).await;
+        drop(guard);
         assert_eq!(reported(&outcome), None, "{deadline:?}");
+        // Each round of retries is logged with the destination's codes.
+        let logs = logs.text();
+        let retried = "entries refused, sent again after a back-off: \
+            ProvisionedThroughputExceededException";
+        assert!(logs.contains(retried), "{logs}");
         // Each round of retries waits its back-off first.
         assert!(started.elapsed() > Duration::ZERO);
         let delivered = sink.delivered();

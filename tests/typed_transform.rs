@@ -3,7 +3,6 @@
 
 mod common;
 
-use std::io::Write;
 use std::sync::{Arc, Mutex};
 
 use common::*;
@@ -40,20 +39,6 @@ fn processor(seen: &Seen) -> Processor<impl transform::Transform> {
     Processor::new(transform, settings)
 }
 
-/// A `tracing` writer into a buffer the test reads.
-#[derive(Clone, Default)]
-struct Captured(Arc<Mutex<Vec<u8>>>);
-
-impl Write for Captured {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
 /// Held by each test: the log of one is captured only when the other is not logging at the
 /// same time (under qemu, where they overlap longer, it was missed in most runs).
 static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
@@ -62,14 +47,8 @@ static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
 #[allow(clippy::await_holding_lock)] // Each test has a runtime of its own: nothing else waits.
 async fn a_user_record_that_is_not_json_fails_its_kinesis_record_and_the_valid_ones_arrive_typed() {
     let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
-    let logs = Captured::default();
-    let writer = logs.clone();
-    let subscriber = tracing_subscriber::fmt()
-        .with_writer(move || writer.clone())
-        .with_ansi(false)
-        .finish();
     // The test runs on this thread only, so the subscriber sees the whole batch.
-    let _guard = tracing::subscriber::set_default(subscriber);
+    let (logs, _guard) = capture_logs();
 
     let seen = Seen::default();
     let event = event(vec![
@@ -126,7 +105,7 @@ async fn a_user_record_that_is_not_json_fails_its_kinesis_record_and_the_valid_o
     );
 
     // The log names the Kinesis record, the user record and serde's reason.
-    let logs = String::from_utf8(logs.0.lock().unwrap().clone()).unwrap();
+    let logs = logs.text();
     let line = logs
         .lines()
         .find(|l| l.contains("transform failed"))
