@@ -24,6 +24,8 @@ enum Fate {
     Deliver,
     Throttle,
     Refuse,
+    /// Asks for the entry to be sent again ([`EntryOutcome::Resend`]).
+    Resend,
 }
 
 /// What the destination does with a whole request, before looking at entries.
@@ -166,6 +168,7 @@ impl Sink for &Scripted {
                 }
                 Fate::Throttle => EntryOutcome::throttled("ProvisionedThroughputExceededException"),
                 Fate::Refuse => EntryOutcome::failed("ValidationException", "no"),
+                Fate::Resend => EntryOutcome::Resend,
             });
         }
         Ok(outcomes)
@@ -643,6 +646,19 @@ async fn an_entry_over_the_destinations_limit_is_undelivered_and_one_at_it_is_se
         reason.contains("over the destination's limit of 5"),
         "{reason}"
     );
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_entry_the_destination_asks_for_again_is_sent_again() {
+    let sink = Scripted::new().entries(|d, attempt| match d {
+        b"1.0" if attempt == 1 => Fate::Resend,
+        _ => Fate::Deliver,
+    });
+    let outcome = run_with(accept, &sink, &event(3, 1), Mode::Ordered, None).await;
+    assert_eq!(reported(&outcome), None);
+    assert_eq!(sink.delivered(), ["0.0", "2.0", "1.0"]);
+    let stats = outcome.stats.sink.unwrap();
+    assert_eq!((stats.retried_entries, stats.requests), (1, 2));
 }
 
 #[tokio::test(start_paused = true)]
