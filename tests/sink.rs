@@ -40,6 +40,8 @@ enum RequestFate {
     Late(Duration),
     /// Answers for every entry but the last.
     Short,
+    /// Fails for good after this long.
+    LatePermanent(Duration),
 }
 
 /// The script for entries: the fate of an attempt (1, 2, ...) at the entry with this data.
@@ -151,6 +153,10 @@ impl Sink for &Scripted {
             }
             RequestFate::Hang => std::future::pending::<()>().await,
             RequestFate::Late(wait) => tokio::time::sleep(wait).await,
+            RequestFate::LatePermanent(wait) => {
+                tokio::time::sleep(wait).await;
+                return Err(SendError::new(SendErrorKind::Permanent, "ResourceNotFound"));
+            }
         }
         let mut outcomes = Vec::new();
         for (key, e) in answered {
@@ -406,6 +412,28 @@ async fn a_destination_that_never_answers_is_given_up_before_the_deadline() {
         "{took:?}"
     );
     assert!(sink.delivered().is_empty());
+    assert_eq!(outcome.stats.sink.unwrap().undelivered_user_records, 6);
+}
+
+#[tokio::test(start_paused = true)]
+async fn what_was_pushed_while_the_sink_stopped_is_reported_too() {
+    // Concurrent: "1.0" and "2.0" go first, in a request that fails for good 5 ms later;
+    // "0.0", slower, is pushed while it is in flight. It is reported, not lost.
+    let transform = |r: UserRecord, _: RecordContext| async move {
+        if &r.data()[..] == b"0.0" {
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        Ok::<(), Error>(())
+    };
+    let mut sink = Scripted::new().requests(|n| match n {
+        0 => RequestFate::LatePermanent(Duration::from_millis(5)),
+        _ => RequestFate::Answer,
+    });
+    sink.limits.max_entries = 2;
+    let outcome = run_with(transform, &sink, &event(3, 1), Mode::Concurrent, None).await;
+    assert_eq!(*sink.requests.borrow(), [2]);
+    assert_eq!(reported(&outcome), Some(0));
+    assert_eq!(outcome.stats.sink.unwrap().undelivered_user_records, 3);
 }
 
 #[tokio::test(start_paused = true)]
