@@ -690,6 +690,33 @@ async fn an_entry_the_destination_asks_for_again_is_sent_again() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn giving_up_names_the_last_refusal_of_the_first_undelivered_entry() {
+    // "0.0" is throttled, "1.0" only ever asked for again, until the deadline.
+    let sink = Scripted::new().entries(|d, _| match d {
+        b"0.0" => Fate::Throttle,
+        b"1.0" => Fate::Resend,
+        _ => Fate::Deliver,
+    });
+    let mut settings = Settings {
+        metrics: kinesis_deagg::settings::Switch::Off,
+        ..Settings::default()
+    };
+    // More attempts than the deadline leaves time for.
+    settings.sink.max_attempts = 1_000;
+    let deadline = tokio::time::Instant::now().into_std() + Duration::from_secs(10);
+    let outcome = Processor::with_sink(accept, &sink, settings)
+        .handle(&event(2, 1), Some(deadline))
+        .await
+        .unwrap();
+    assert_eq!(reported(&outcome), Some(0));
+    let reason = outcome.failure.unwrap().reason.to_string();
+    assert!(
+        reason.ends_with("(last refused: ProvisionedThroughputExceededException)"),
+        "{reason}"
+    );
+}
+
+#[tokio::test(start_paused = true)]
 async fn nothing_is_sent_after_the_stop_time() {
     // The deadline 10 s away: the stop time is one margin (1 s) before it, and the first
     // request is answered exactly then (within its 10 s timeout).
