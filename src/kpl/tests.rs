@@ -130,6 +130,19 @@ fn a_partition_key_index_out_of_range_fails_the_whole_aggregate() {
 }
 
 #[test]
+fn an_index_beyond_4_gib_is_out_of_range_not_missing() {
+    let d = message(&[b"k"], &[], vec![record(Some(1 << 40), None, Some(b"a"))]);
+    assert_eq!(
+        deaggregate(d).unwrap_err(),
+        DeaggError::PartitionKeyIndexOutOfRange {
+            sub_sequence_number: 0,
+            index: 1 << 40,
+            table_len: 1
+        }
+    );
+}
+
+#[test]
 fn an_explicit_hash_key_index_out_of_range_fails_the_whole_aggregate() {
     let d = message(&[b"k"], &[b"1"], vec![record(Some(0), Some(3), Some(b"a"))]);
     assert!(matches!(
@@ -406,6 +419,21 @@ mod wire_matches_prost {
             }
         }
         Ok(())
+    }
+
+    /// A user record holding an unknown field of groups nested `n` deep: both readers refuse
+    /// it past the same depth.
+    #[test]
+    fn nested_groups_are_refused_at_the_same_depth() {
+        for n in 90..110 {
+            let mut record = vec![0x08, 0x00, 0x1A, 0x01, b'x'];
+            record.extend(std::iter::repeat_n(0x2B, n)); // field 5, start group
+            record.extend(std::iter::repeat_n(0x2C, n)); // field 5, end group
+            let mut body = vec![0x0A, 0x01, b'k', 0x1A];
+            prost::encoding::encode_varint(record.len() as u64, &mut body);
+            body.extend(record);
+            same(&body).unwrap();
+        }
     }
 
     /// Valid aggregates with tags, then some bytes of arbitrary fields (unknown tags, groups,
