@@ -877,6 +877,8 @@ mod tests {
             let err = KinesisEvent::from_slice(bad).unwrap_err().to_string();
             assert!(err.starts_with("not a Kinesis event"), "{err}");
         }
+        let err = KinesisEvent::from_slice(br#"{"Records":5}"#).unwrap_err();
+        assert!(err.to_string().contains("expected an array of records"), "{err}");
         assert_eq!(
             KinesisEvent::from_slice(br#"{"Records":[]}"#)
                 .unwrap()
