@@ -812,6 +812,11 @@ mod tests {
             read_alone(json.as_bytes()).expect("a Lambda event took the slow path");
         assert_eq!((records.len(), texts), (50, 50));
         agrees(json.as_bytes()).unwrap();
+        // A timestamp as text (as `aws kinesis get-records` may print it) too.
+        let record = lambda_record(1, 3).replace("1764000000.001", r#""2025-11-24T16:00:00Z""#);
+        let json = format!(r#"{{"Records":[{record}]}}"#);
+        assert!(read_alone(json.as_bytes()).is_some(), "{json}");
+        agrees(json.as_bytes()).unwrap();
         for file in std::fs::read_dir("events").unwrap() {
             let path = file.unwrap().path();
             if path.extension().is_some_and(|e| e == "json")

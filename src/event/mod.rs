@@ -878,7 +878,10 @@ mod tests {
             assert!(err.starts_with("not a Kinesis event"), "{err}");
         }
         let err = KinesisEvent::from_slice(br#"{"Records":5}"#).unwrap_err();
-        assert!(err.to_string().contains("expected an array of records"), "{err}");
+        assert!(
+            err.to_string().contains("expected an array of records"),
+            "{err}"
+        );
         assert_eq!(
             KinesisEvent::from_slice(br#"{"Records":[]}"#)
                 .unwrap()
