@@ -742,6 +742,14 @@ fn large_aggregates_are_counted_right_before_they_are_read() {
     assert_eq!(wire::count_records(&body), 6);
     // Truncated in a record's length: what it read.
     assert_eq!(wire::count_records(&body[..body.len() - 2]), 6);
+    // Records of exactly 128 bytes: each length's first byte is 0x80, not a length of its own.
+    let exact = Pb {
+        records: vec![record(Some(0), None, Some(&BIG[..124])); 3],
+        ..Pb::default()
+    }
+    .encode_to_vec();
+    assert_eq!(exact[1..3], [0x80, 0x01]);
+    assert_eq!(wire::count_records(&exact), 3);
 }
 
 /// What a caller can see of a user record, field by field, without its `PartialEq`.
