@@ -857,6 +857,18 @@ mod tests {
         assert_eq!(&*r.partition_key, "");
         let r = one(r#"{"kinesis":{"sequenceNumber":"1"}}"#).unwrap();
         assert_eq!(r.decode_data().unwrap_err(), "no `data` field");
+        // A time before 1970 or past year 33658 is none at all.
+        let arrival = |ts: &str| {
+            let json = format!(
+                r#"{{"kinesis":{{"sequenceNumber":"1","approximateArrivalTimestamp":{ts}}}}}"#
+            );
+            one(&json).unwrap().approximate_arrival
+        };
+        for ts in ["-1", "1e12", "1.5e15"] {
+            assert_eq!(arrival(ts), None, "{ts}");
+        }
+        let at = std::time::UNIX_EPOCH + Duration::from_millis(1_545_084_650_987);
+        assert_eq!(arrival("1545084650.987"), Some(at));
     }
 
     #[test]

@@ -734,6 +734,7 @@ fn large_aggregates_are_counted_right_before_they_are_read() {
     body.extend([0x28, 0x01]); // field 5, varint 1
     body.extend(
         Pb {
+            partition_key_table: vec![Bytes::from_static(b"k2")],
             records: vec![record(Some(0), None, Some(b"y")); 2],
             ..Pb::default()
         }
