@@ -434,6 +434,20 @@ mod wire_matches_prost {
             body.extend(record);
             same(&body).unwrap();
         }
+        // The same inside a tag of a user record; and a tag whose key is not bytes.
+        for n in (90..110).map(Some).chain([None]) {
+            let tag = match n {
+                Some(n) => [vec![0x2B; n], vec![0x2C; n]].concat(),
+                None => vec![0x08, 0x01],
+            };
+            let mut record = vec![0x08, 0x00, 0x1A, 0x01, b'x', 0x22];
+            prost::encoding::encode_varint(tag.len() as u64, &mut record);
+            record.extend(tag);
+            let mut body = vec![0x0A, 0x01, b'k', 0x1A];
+            prost::encoding::encode_varint(record.len() as u64, &mut body);
+            body.extend(record);
+            same(&body).unwrap();
+        }
     }
 
     /// Valid aggregates with tags, then some bytes of arbitrary fields (unknown tags, groups,
