@@ -765,6 +765,14 @@ fn large_aggregates_are_counted_right_before_they_are_read() {
     .encode_to_vec();
     assert_eq!(exact[1..3], [0x80, 0x01]);
     assert_eq!(wire::count_records(&exact), 3);
+    // And of 16,384: three bytes of length, the second 0x80.
+    let exact = Pb {
+        records: vec![record(Some(0), None, Some(&BIG[..16_379])); 2],
+        ..Pb::default()
+    }
+    .encode_to_vec();
+    assert_eq!(exact[1..4], [0x80, 0x80, 0x01]);
+    assert_eq!(wire::count_records(&exact), 2);
 }
 
 /// What a caller can see of a user record, field by field, without its `PartialEq`.
