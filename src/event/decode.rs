@@ -182,6 +182,27 @@ mod tests {
 
     use super::*;
 
+    #[test]
+    fn what_is_wrong_with_a_text_is_said_in_words() {
+        let said = |text: &[u8]| describe(&BASE64.decode(text).unwrap_err());
+        assert_eq!(
+            said(b"ab!d"),
+            "'!' at character 2 is not a base64 character"
+        );
+        assert_eq!(
+            said(b"ab\x01d"),
+            "byte 0x01 at character 2 is not a base64 character"
+        );
+        assert_eq!(
+            said(b"abcde"),
+            "5 characters (without padding) cannot be base64"
+        );
+        assert_eq!(
+            said(b"ab="),
+            "the last character, 'b' at 1, encodes bits that must be zero"
+        );
+    }
+
     proptest! {
         /// Whatever the fast decoder accepts, the `base64` crate (padding optional) accepts
         /// too, with the same bytes: the fast path changes no outcome.
