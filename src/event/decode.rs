@@ -110,9 +110,7 @@ pub(super) fn into_one_buffer<'t>(
     records: &mut [EventRecord],
     texts: impl Iterator<Item = (usize, &'t [u8])> + Clone,
 ) {
-    // Base64 is 4 characters for 3 bytes; the last group may be short.
-    let capacity = texts.clone().map(|(_, t)| t.len() / 4 * 3 + 3).sum();
-    let mut buffer = Vec::with_capacity(capacity);
+    let mut buffer = Vec::with_capacity(room(texts.clone().map(|(_, t)| t)));
     let mut spans = Vec::new();
     for (i, text) in texts {
         let start = buffer.len();
@@ -155,6 +153,12 @@ fn decode_append(text: &[u8], buffer: &mut Vec<u8>) -> Result<(), BadData> {
         })
 }
 
+/// Room for the bytes of base64 `texts`, so that one buffer holds them without growing: 3
+/// bytes for each 4 characters, and 3 more for a last group without padding.
+fn room<'t>(texts: impl Iterator<Item = &'t [u8]>) -> usize {
+    texts.map(|t| t.len() / 4 * 3 + 3).sum()
+}
+
 /// What is wrong with the text, in words (the `base64` crate says `Invalid symbol 37`).
 fn describe(e: &base64::DecodeError) -> String {
     use base64::DecodeError::*;
@@ -181,6 +185,22 @@ mod tests {
     use proptest::prelude::*;
 
     use super::*;
+
+    #[test]
+    fn the_buffer_has_room_for_every_text_and_at_most_5_bytes_more_each() {
+        use base64::engine::general_purpose::{STANDARD, STANDARD_NO_PAD};
+        let data: Vec<u8> = (0..=255).collect();
+        for engine in [&STANDARD, &STANDARD_NO_PAD] {
+            let texts: Vec<String> = (0..200).map(|n| engine.encode(&data[..n])).collect();
+            let decoded: usize = (0..200).sum();
+            let room = room(texts.iter().map(|t| t.as_bytes()));
+            // 2 for the padding of a padded text's last group, 3 for an unpadded one's.
+            assert!(
+                room >= decoded && room <= decoded + 5 * texts.len(),
+                "{room}"
+            );
+        }
+    }
 
     #[test]
     fn what_is_wrong_with_a_text_is_said_in_words() {
