@@ -881,6 +881,12 @@ mod tests {
         let err = one(r#"{"kinesis":{"sequenceNumber":12}}"#).unwrap_err();
         assert!(err.contains("not a non-empty string"), "{err}");
         assert!(one("5").unwrap_err().contains("SequenceNumber"));
+        // The same for a record serde refuses (a field twice), read for its sequence number.
+        for seq in [r#""""#, "12"] {
+            let json = format!(r#"{{"kinesis":{{"sequenceNumber":{seq},"data":"","data":""}}}}"#);
+            let err = one(&json).unwrap_err();
+            assert!(err.contains("not a non-empty string"), "{err}");
+        }
     }
 
     #[test]
