@@ -39,15 +39,9 @@ fn processor(seen: &Seen) -> Processor<impl transform::Transform> {
     Processor::new(transform, settings)
 }
 
-/// Held by each test: the log of one is captured only when the other is not logging at the
-/// same time (under qemu, where they overlap longer, it was missed in most runs).
-static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
-
 #[tokio::test(flavor = "current_thread")]
-#[allow(clippy::await_holding_lock)] // Each test has a runtime of its own: nothing else waits.
 async fn a_user_record_that_is_not_json_fails_its_kinesis_record_and_the_valid_ones_arrive_typed() {
-    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
-    // The test runs on this thread only, so the subscriber sees the whole batch.
+    // The test runs on this thread only, so the capture sees the whole batch.
     let (logs, _guard) = capture_logs();
 
     let seen = Seen::default();
@@ -120,9 +114,7 @@ async fn a_user_record_that_is_not_json_fails_its_kinesis_record_and_the_valid_o
 }
 
 #[tokio::test]
-#[allow(clippy::await_holding_lock)] // Each test has a runtime of its own: nothing else waits.
 async fn a_document_of_the_wrong_shape_is_named_by_the_field_serde_could_not_read() {
-    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     let seen = Seen::default();
     let event = event(vec![aggregate(
         "7",

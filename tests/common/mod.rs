@@ -128,20 +128,31 @@ pub fn metrics_document(outcome: &kinesis_deagg::batch::BatchOutcome) -> Value {
     )
 }
 
-/// A `tracing` writer into a buffer the test reads (see [`capture_logs`]).
+/// What one thread logged while a [`capture_logs`] guard lived.
 #[derive(Clone, Default)]
-pub struct Captured(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+pub struct Captured(std::rc::Rc<std::cell::RefCell<Vec<u8>>>);
 
 impl Captured {
     /// What was logged so far.
     pub fn text(&self) -> String {
-        String::from_utf8(self.0.lock().unwrap().clone()).unwrap()
+        String::from_utf8(self.0.borrow().clone()).unwrap()
     }
 }
 
-impl std::io::Write for Captured {
+thread_local! {
+    static CAPTURE: std::cell::RefCell<Option<Captured>> = const { std::cell::RefCell::new(None) };
+}
+
+/// The global subscriber's writer: into this thread's capture, if it has one.
+struct ThreadCapture;
+
+impl std::io::Write for ThreadCapture {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
+        CAPTURE.with(|c| {
+            if let Some(c) = &*c.borrow() {
+                c.0.borrow_mut().extend_from_slice(buf);
+            }
+        });
         Ok(buf.len())
     }
     fn flush(&mut self) -> std::io::Result<()> {
@@ -149,13 +160,28 @@ impl std::io::Write for Captured {
     }
 }
 
-/// Captures, as text, what this thread logs while the guard lives.
-pub fn capture_logs() -> (Captured, tracing::subscriber::DefaultGuard) {
+/// Stops the capture of its thread when dropped.
+pub struct CaptureGuard;
+
+impl Drop for CaptureGuard {
+    fn drop(&mut self) {
+        CAPTURE.with(|c| c.borrow_mut().take());
+    }
+}
+
+/// Captures, as text, what this thread logs while the guard lives. The subscriber is global
+/// (installed once per test binary) and each thread writes to its own capture: a scoped
+/// subscriber misses events when another test's thread logs at the same moment.
+pub fn capture_logs() -> (Captured, CaptureGuard) {
+    static INSTALLED: std::sync::Once = std::sync::Once::new();
+    INSTALLED.call_once(|| {
+        let subscriber = tracing_subscriber::fmt()
+            .with_writer(|| ThreadCapture)
+            .with_ansi(false)
+            .finish();
+        tracing::subscriber::set_global_default(subscriber).expect("the only global subscriber");
+    });
     let logs = Captured::default();
-    let writer = logs.clone();
-    let subscriber = tracing_subscriber::fmt()
-        .with_writer(move || writer.clone())
-        .with_ansi(false)
-        .finish();
-    (logs, tracing::subscriber::set_default(subscriber))
+    CAPTURE.with(|c| *c.borrow_mut() = Some(logs.clone()));
+    (logs, CaptureGuard)
 }
