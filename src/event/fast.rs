@@ -702,6 +702,14 @@ mod tests {
         )
     }
 
+    /// Non-ASCII bytes at the same places in two chunks, before the end: not ASCII.
+    #[test]
+    fn string_end_sees_non_ascii_at_the_same_place_in_two_chunks() {
+        let mut bytes = [b'a'; 40];
+        (bytes[3], bytes[19], bytes[21]) = (0xff, 0xff, b'"');
+        assert_eq!(string_end(&bytes), Some((21, false)));
+    }
+
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(3000))]
 
@@ -817,6 +825,16 @@ mod tests {
         let json = format!(r#"{{"Records":[{record}]}}"#);
         assert!(read_alone(json.as_bytes()).is_some(), "{json}");
         agrees(json.as_bytes()).unwrap();
+        // A record as `aws kinesis get-records` prints it, and `null` for what may be absent.
+        for record in [
+            r#"{"SequenceNumber":"1","PartitionKey":"p","Data":"aGk="}"#,
+            r#"{"kinesis":{"sequenceNumber":"1","partitionKey":null,"data":"aGk="}}"#,
+            r#"{"kinesis":null,"SequenceNumber":"1","Data":"aGk="}"#,
+        ] {
+            let json = format!(r#"{{"Records":[{record}]}}"#);
+            assert!(read_alone(json.as_bytes()).is_some(), "{json}");
+            agrees(json.as_bytes()).unwrap();
+        }
         for file in std::fs::read_dir("events").unwrap() {
             let path = file.unwrap().path();
             if path.extension().is_some_and(|e| e == "json")
@@ -830,6 +848,39 @@ mod tests {
                 );
             }
         }
+    }
+
+    /// The lists are sized from the first record, for as many as the rest of the body would
+    /// hold of it, and never for more than Lambda's largest batch.
+    #[test]
+    fn the_lists_are_sized_once_from_the_first_record() {
+        let capacities = |json: &str| {
+            let ((records, strings), _) = read(&mut json.as_bytes(), |_, _, _| 0).unwrap();
+            assert_eq!(records.len(), strings.len());
+            (records.len(), records.capacity(), strings.capacity())
+        };
+        for n in [1, 2, 10, 100, 1_000] {
+            // Records of one length: `pk1000`... and four digits of timestamp.
+            let records: Vec<String> = (1_000..1_000 + n).map(|i| lambda_record(i, 30)).collect();
+            let json = format!(r#"{{"Records":[{}]}}"#, records.join(","));
+            let (len, records, strings) = capacities(&json);
+            assert_eq!(len, n);
+            // Room for them all (the commas between them make it a little more; a `Vec` holds
+            // 4 at least).
+            for capacity in [records, strings] {
+                let most = (n + n / 100 + 1).max(4);
+                assert!((n..=most).contains(&capacity), "{n}: {capacity}");
+            }
+        }
+        // A small first record before a big one.
+        let json = format!(
+            r#"{{"Records":[{{"kinesis":{{"sequenceNumber":"1"}}}},{}]}}"#,
+            lambda_record(1, 1_000_000)
+        );
+        let (len, records, strings) = capacities(&json);
+        assert_eq!(len, 2);
+        // (`strings` holds the first record's when it is sized.)
+        assert!(records.max(strings) <= MAX_BATCH + 1, "{records} {strings}");
     }
 
     /// Strings that are not ASCII are checked as UTF-8: long ones of two-byte characters, and a
@@ -933,6 +984,21 @@ mod tests {
             assert_eq!((early.as_ptr(), early.len()), (data.as_ptr(), data.len()));
         }
 
+        // Text that is not base64 but is a JSON string (a space in it), and an unused `Data`
+        // beside `kinesis`: problems of their records, not of the event, read on the fast
+        // path too.
+        let odd = json.replacen(
+            "]}",
+            r#",{"kinesis":{"sequenceNumber":"7","data":"a b"}},{"kinesis":{"sequenceNumber":"8"},"Data":"a b"}]}"#,
+            1,
+        );
+        let (event, early) = read(&odd);
+        assert_eq!(event.records[6].data.as_ref().unwrap_err().raw, "a b");
+        let data = event.records.iter().filter_map(|r| r.data.as_ref().ok());
+        let big = data.filter(|d| d.len() >= EARLY_MIN);
+        assert!(early.iter().zip(big).all(|(e, d)| e.as_ptr() == d.as_ptr()));
+        assert_eq!(early.len(), 3);
+
         let escaped = json.replacen(r#""partitionKey":"pk5""#, r#""partitionKey":"pk\u0035""#, 1);
         let (event, early) = read(&escaped);
         assert_eq!(early.len(), 2, "those before the escape");
@@ -962,6 +1028,21 @@ mod tests {
             "]".repeat(200)
         );
         assert!(read_alone(deep.as_bytes()).is_none());
+        // Nested as deep as `MAX_DEPTH` in all, and one deeper.
+        for (open, close) in [("[", "]"), (r#"{"a":"#, "}")] {
+            let nested = |n: usize| {
+                let (open, close) = (open.repeat(n), close.repeat(n));
+                let record =
+                    format!(r#"{{"kinesis":{{"sequenceNumber":"1"}},"x":{open}0{close}}}"#);
+                format!(r#"{{"Records":[{record}]}}"#)
+            };
+            let levels = MAX_DEPTH - 3; // the event, `Records` and the record around them
+            assert!(read_alone(nested(levels).as_bytes()).is_some(), "{open}");
+            assert!(
+                read_alone(nested(levels + 1).as_bytes()).is_none(),
+                "{open}"
+            );
+        }
         // Not base64, but a JSON string: the record's problem, read on the fast path.
         let json = br#"{"Records":[{"kinesis":{"sequenceNumber":"1","data":"!!"}}]}"#;
         assert!(read_alone(json).is_some());
