@@ -221,6 +221,69 @@ async fn a_missing_firehose_stream_fails_the_batch_at_its_first_record() {
     );
 }
 
+/// A stream named by its ARN: every call names it so (kinesalite takes no ARN; moto does).
+#[cfg(feature = "sink-kinesis")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kinesis_takes_the_streams_arn() {
+    use aws_sdk_kinesis::types::ShardIteratorType;
+    use kinesis_deagg::kpl::{Deaggregated, deaggregate};
+    use kinesis_deagg::sink::kinesis::KinesisSink;
+
+    let server = moto();
+    let kinesis = aws_sdk_kinesis::Client::new(&config(server.port));
+    let name = "by-arn";
+    kinesis
+        .create_stream()
+        .stream_name(name)
+        .shard_count(1)
+        .send()
+        .await
+        .unwrap();
+    let summary = kinesis
+        .describe_stream_summary()
+        .stream_name(name)
+        .send()
+        .await
+        .unwrap();
+    let arn = summary
+        .stream_description_summary()
+        .unwrap()
+        .stream_arn()
+        .to_string();
+    let (event, users) = source();
+    let settings = settings(SinkKind::Kinesis, &arn);
+    let sink = KinesisSink::new(kinesis.clone(), &settings.sink).unwrap();
+    let outcome = deliver(sink, settings, &event).await;
+    assert!(outcome.failure.is_none(), "{:?}", outcome.failure);
+
+    let iterator = kinesis
+        .get_shard_iterator()
+        .stream_name(name)
+        .shard_id("shardId-000000000000")
+        .shard_iterator_type(ShardIteratorType::TrimHorizon)
+        .send()
+        .await
+        .unwrap();
+    let page = kinesis
+        .get_records()
+        .shard_iterator(iterator.shard_iterator().unwrap())
+        .send()
+        .await
+        .unwrap();
+    let mut landed = Vec::new();
+    for record in page.records() {
+        match deaggregate(bytes::Bytes::copy_from_slice(record.data().as_ref())).unwrap() {
+            Deaggregated::Aggregated(records) => landed.extend(
+                records
+                    .into_iter()
+                    .map(|u| (u.partition_key().to_string(), u.data().to_vec())),
+            ),
+            other => panic!("not an aggregate: {other:?}"),
+        }
+    }
+    assert_eq!(landed, users);
+}
+
 async fn receive_all(sqs: &aws_sdk_sqs::Client, url: &str) -> Vec<aws_sdk_sqs::types::Message> {
     let mut all = Vec::new();
     loop {

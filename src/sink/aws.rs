@@ -68,3 +68,71 @@ fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
     }
     text
 }
+
+#[cfg(test)]
+mod tests {
+    use aws_smithy_types::error::ErrorMetadata;
+
+    use super::*;
+
+    fn service_error(code: Option<&str>) -> SendError {
+        let mut error = ErrorMetadata::builder().message("it said no");
+        if let Some(code) = code {
+            error = error.code(code);
+        }
+        let error = SdkError::<ErrorMetadata, ()>::service_error(error.build(), ());
+        classify(&error, "PutRecords")
+    }
+
+    #[test]
+    fn a_service_error_is_retried_or_not_by_its_code() {
+        use SendErrorKind::*;
+        for (code, kind) in [
+            (Some("ProvisionedThroughputExceededException"), Throttled),
+            (Some("ThrottlingException"), Throttled),
+            (Some("InternalFailure"), Transient),
+            (Some("ServiceUnavailableException"), Transient),
+            (Some("ResourceNotFoundException"), Permanent),
+            (Some("AccessDeniedException"), Permanent),
+            // An answer without a code is not the service's refusal of the request.
+            (Some(""), Transient),
+            (None, Transient),
+        ] {
+            assert_eq!(service_error(code).kind, kind, "{code:?}");
+        }
+        assert_eq!(
+            service_error(Some("AccessDeniedException")).message,
+            "PutRecords: AccessDeniedException: it said no"
+        );
+    }
+
+    /// An error that has a source, as a connector's does.
+    #[derive(Debug)]
+    struct Outer(std::io::Error);
+
+    impl std::fmt::Display for Outer {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("io error")
+        }
+    }
+
+    impl std::error::Error for Outer {
+        fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+            Some(&self.0)
+        }
+    }
+
+    #[test]
+    fn no_answer_is_transient_and_says_every_cause() {
+        let reset = std::io::Error::new(std::io::ErrorKind::ConnectionReset, "reset by peer");
+        let error = SdkError::<ErrorMetadata, ()>::timeout_error(Outer(reset));
+        let sent = classify(&error, "ListShards");
+        assert_eq!(sent.kind, SendErrorKind::Transient);
+        assert!(sent.message.starts_with("ListShards: "), "{}", sent.message);
+        assert!(
+            sent.message.ends_with(": io error: reset by peer"),
+            "{}",
+            sent.message
+        );
+    }
+}

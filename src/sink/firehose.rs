@@ -150,6 +150,25 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_record_counts_the_newline_added_to_it() {
+        let config = aws_sdk_firehose::Config::builder()
+            .behavior_version_latest()
+            .region(aws_sdk_firehose::config::Region::new("us-east-1"))
+            .build();
+        let settings = SinkSettings {
+            target: Some("lines".into()),
+            ..SinkSettings::default()
+        };
+        let sink = FirehoseSink::new(Client::from_conf(config), &settings).unwrap();
+        let entry = |newline| FirehoseEntry {
+            data: Bytes::from_static(b"abc"),
+            newline,
+        };
+        assert_eq!(sink.size(&entry(true)), 4);
+        assert_eq!(sink.size(&entry(false)), 3);
+    }
+
+    #[test]
     fn per_entry_codes_are_throttled_retried_or_final() {
         assert!(matches!(
             entry_outcome("ServiceUnavailableException", ""),

@@ -566,6 +566,9 @@ mod tests {
         ])
         .unwrap();
         assert_eq!(map.len(), 2);
+        assert!(!map.is_empty());
+        let closed = ShardMap::new([("shardId-0", "0", max.as_str(), Some("4959"))]).unwrap();
+        assert!(closed.is_empty());
         let shard = |k: u128| map.shard_of(k).map(|s| s.to_string());
         assert_eq!(shard(0).as_deref(), Some("shardId-1"));
         assert_eq!(shard(u128::MAX / 2).as_deref(), Some("shardId-1"));
@@ -578,6 +581,26 @@ mod tests {
         assert_eq!(holed.shard_of(40), None);
         assert_eq!(holed.shard_of(39).map(|s| &**s), Some("b"));
         assert!(ShardMap::new([("x", "-1", "5", None)]).is_err());
+    }
+
+    #[test]
+    fn an_entry_counts_its_key_and_is_ordered_by_its_shard_or_else_its_key() {
+        let config = aws_sdk_kinesis::Config::builder()
+            .behavior_version_latest()
+            .region(aws_sdk_kinesis::config::Region::new("us-east-1"))
+            .build();
+        let settings = SinkSettings {
+            target: Some("s".into()),
+            ..SinkSettings::default()
+        };
+        let sink = KinesisSink::new(Client::from_conf(config), &settings).unwrap();
+        let mut entry =
+            plain_entry(UserRecord::plain("pk-1", None, Bytes::from_static(b"abc"))).unwrap();
+        // Kinesis counts the partition key in a record's size.
+        assert_eq!(sink.size(&entry), 3 + 4);
+        assert_eq!(sink.order_key(&entry), Some(&b"pk-1"[..]));
+        entry.shard = Some((Arc::from("shardId-7"), 1));
+        assert_eq!(sink.order_key(&entry), Some(&b"shardId-7"[..]));
     }
 
     #[test]

@@ -226,6 +226,37 @@ impl Sink for SqsSink {
 mod tests {
     use super::*;
 
+    /// A sink for `url`, with a client that is never called.
+    fn sink(url: &str) -> SqsSink {
+        let config = aws_sdk_sqs::Config::builder()
+            .behavior_version_latest()
+            .region(aws_sdk_sqs::config::Region::new("us-east-1"))
+            .build();
+        let settings = SinkSettings {
+            target: Some(url.into()),
+            ..SinkSettings::default()
+        };
+        SqsSink::new(Client::from_conf(config), &settings).unwrap()
+    }
+
+    #[test]
+    fn a_message_counts_its_body_and_attribute_and_a_fifo_queue_orders_by_group() {
+        let entry = |body: &str, base64, group: Option<&str>| SqsEntry {
+            body: body.into(),
+            base64,
+            group_id: group.map(Into::into),
+            deduplication_id: None,
+        };
+        let sink = sink("http://127.0.0.1/1/q.fifo");
+        assert_eq!(sink.size(&entry("h\u{e9}llo", false, None)), 6);
+        // SQS counts the attribute's name, type and value:
+        // "content-transfer-encoding", "String", "base64".
+        assert_eq!(sink.size(&entry("aGk=", true, None)), 4 + 25 + 6 + 6);
+        let grouped = entry("x", false, Some("pk-1"));
+        assert_eq!(sink.order_key(&grouped), Some(&b"pk-1"[..]));
+        assert_eq!(sink.order_key(&entry("x", false, None)), None);
+    }
+
     #[test]
     fn bodies_take_only_what_sqs_allows() {
         assert!("a\tb\nc\r é 😀".chars().all(allowed));
