@@ -1,7 +1,8 @@
 //! The Firehose and SQS sinks against moto in server mode, started here on 127.0.0.1: what
 //! Firehose delivers into moto's S3 and what SQS queues, read back, is what the batch held;
 //! FIFO queues get the partition key as the group and the idempotency key as the
-//! deduplication id, so that Lambda's retry of a batch queues nothing twice.
+//! deduplication id, so that Lambda's retry of a batch queues nothing twice. And the Kinesis
+//! sink with a stream's ARN, which kinesalite does not take.
 #![cfg(all(feature = "sink-firehose", feature = "sink-sqs"))]
 
 mod common;
